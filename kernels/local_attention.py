@@ -95,12 +95,276 @@ def local_attention_ref(query, refs, values, radius, temperature=1.0):
     return torch.cat(out, 2)
 
 
+
+# --------------------------------------------------------------------------------------------------------------
+# Fused Triton path.
+#
+# Supported: any B, C, K, R, H, W >= 1 and radius >= 0; fp32, fp16 and bf16 inputs (all three the same dtype),
+# arbitrary strides (no copies are made). Scores, softmax statistics and sums accumulate in fp32; fp32 inputs use
+# exact fp32 products (input_precision="ieee"), not TF32. Gradients for query, refs and values.
+#
+# Tiling. A program owns a TILE_H x TILE_W tile of query positions of one batch element. The union of the windows
+# of its queries is the tile grown by `radius` on each side, clipped to the image (the "halo"). The program walks
+# the halo of every reference in chunks of BLOCK_N positions: scores for the whole tile with one `tl.dot`, a mask
+# from integer coordinates (|dy|, |dx| <= radius), and an online softmax (running max and sum, as in flash
+# attention) shared by all references, so the R references form one joint softmax without any concatenation.
+# Nothing of size window x H x W is written to global memory.
+#
+# Backward. The forward saves its inputs, its output and the per-position log-sum-exp (B, H, W) in fp32; nothing
+# else. One kernel recomputes the scores per query tile and accumulates d(query); a second kernel owns a tile of
+# reference positions and walks the halo of *queries* that can see it (the window relation is symmetric), so
+# d(refs) and d(values) are accumulated without atomics: deterministic.
+# --------------------------------------------------------------------------------------------------------------
+import triton
+import triton.language as tl
+
+TILE_H, TILE_W, BLOCK_N = 8, 8, 64  # 64 queries per program; halo chunks of 64 positions
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qc, stride_qh, stride_qw,
+    stride_kb, stride_kr, stride_kc, stride_kh, stride_kw,
+    stride_vb, stride_vr, stride_vk, stride_vh, stride_vw,
+    stride_ob, stride_ok, stride_oh, stride_ow,
+    R, C, K, H, W, radius, scale_log2,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
+    C_PAD: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(1)
+    n_tiles_w = tl.cdiv(W, TILE_W)
+    y0 = (tl.program_id(0) // n_tiles_w) * TILE_H
+    x0 = (tl.program_id(0) % n_tiles_w) * TILE_W
+    m = tl.arange(0, TILE_H * TILE_W)
+    qy = y0 + m // TILE_W  # (M,) query coordinates
+    qx = x0 + m % TILE_W
+    q_in = (qy < H) & (qx < W)
+    c = tl.arange(0, C_PAD)
+    kk = tl.arange(0, K_PAD)
+    q = tl.load(q_ptr + b * stride_qb + c[None, :] * stride_qc + qy[:, None] * stride_qh + qx[:, None] * stride_qw,
+                mask=q_in[:, None] & (c[None, :] < C), other=0.0)  # (M, C_PAD)
+
+    # the halo: every reference position some query of the tile can see
+    hy0 = tl.maximum(y0 - radius, 0)
+    hx0 = tl.maximum(x0 - radius, 0)
+    halo_w = tl.minimum(x0 + TILE_W + radius, W) - hx0
+    halo = (tl.minimum(y0 + TILE_H + radius, H) - hy0) * halo_w
+
+    m_i = tl.full([TILE_H * TILE_W], float("-inf"), tl.float32)  # running max of the scores (log2 units)
+    l_i = tl.zeros([TILE_H * TILE_W], tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([TILE_H * TILE_W, K_PAD], tl.float32)  # running weighted sum of values
+    for r in range(R):
+        k_base = k_ptr + b * stride_kb + r * stride_kr
+        v_base = v_ptr + b * stride_vb + r * stride_vr
+        for start in range(0, halo, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            ky = hy0 + n // halo_w  # (N,) reference coordinates, inside the image when n < halo
+            kx = hx0 + n % halo_w
+            k_in = n < halo
+            k_t = tl.load(k_base + c[:, None] * stride_kc + ky[None, :] * stride_kh + kx[None, :] * stride_kw,
+                          mask=(c[:, None] < C) & k_in[None, :], other=0.0)  # (C_PAD, N)
+            s = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2  # (M, N)
+            valid = (k_in[None, :] & (tl.abs(ky[None, :] - qy[:, None]) <= radius)
+                     & (tl.abs(kx[None, :] - qx[:, None]) <= radius))
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no candidate yet: avoid inf - inf
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            v = tl.load(v_base + ky[:, None] * stride_vh + kx[:, None] * stride_vw + kk[None, :] * stride_vk,
+                        mask=k_in[:, None] & (kk[None, :] < K), other=0.0)  # (N, K_PAD)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)  # only padding rows of the tile have no candidate
+    out = acc / l_safe[:, None]
+    tl.store(out_ptr + b * stride_ob + kk[None, :] * stride_ok + qy[:, None] * stride_oh + qx[:, None] * stride_ow,
+             out.to(out_ptr.dtype.element_ty), mask=q_in[:, None] & (kk[None, :] < K))
+    lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log2(l_safe)
+    tl.store(lse_ptr + b * H * W + qy * W + qx, lse, mask=q_in)
+
+
+@triton.jit
+def _bwd_query_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qb, stride_qc, stride_qh, stride_qw,
+    stride_kb, stride_kr, stride_kc, stride_kh, stride_kw,
+    stride_vb, stride_vr, stride_vk, stride_vh, stride_vw,
+    stride_ob, stride_ok, stride_oh, stride_ow,
+    R, C, K, H, W, radius, scale_log2, inv_temperature,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
+    C_PAD: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """d(query) for one tile of queries: recompute p, then dq = sum_n p * (dO.v_n - delta) * k_n / T."""
+    b = tl.program_id(1)
+    n_tiles_w = tl.cdiv(W, TILE_W)
+    y0 = (tl.program_id(0) // n_tiles_w) * TILE_H
+    x0 = (tl.program_id(0) % n_tiles_w) * TILE_W
+    m = tl.arange(0, TILE_H * TILE_W)
+    qy = y0 + m // TILE_W
+    qx = x0 + m % TILE_W
+    q_in = (qy < H) & (qx < W)
+    c = tl.arange(0, C_PAD)
+    kk = tl.arange(0, K_PAD)
+    q = tl.load(q_ptr + b * stride_qb + c[None, :] * stride_qc + qy[:, None] * stride_qh + qx[:, None] * stride_qw,
+                mask=q_in[:, None] & (c[None, :] < C), other=0.0)  # (M, C_PAD)
+    do = tl.load(do_ptr + b * stride_ob + kk[None, :] * stride_ok + qy[:, None] * stride_oh + qx[:, None] * stride_ow,
+                 mask=q_in[:, None] & (kk[None, :] < K), other=0.0)  # (M, K_PAD)
+    lse = tl.load(lse_ptr + b * H * W + qy * W + qx, mask=q_in, other=0.0)
+    delta = tl.load(delta_ptr + b * H * W + qy * W + qx, mask=q_in, other=0.0)
+
+    hy0 = tl.maximum(y0 - radius, 0)
+    hx0 = tl.maximum(x0 - radius, 0)
+    halo_w = tl.minimum(x0 + TILE_W + radius, W) - hx0
+    halo = (tl.minimum(y0 + TILE_H + radius, H) - hy0) * halo_w
+
+    dq = tl.zeros([TILE_H * TILE_W, C_PAD], tl.float32)
+    for r in range(R):
+        k_base = k_ptr + b * stride_kb + r * stride_kr
+        v_base = v_ptr + b * stride_vb + r * stride_vr
+        for start in range(0, halo, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            ky = hy0 + n // halo_w
+            kx = hx0 + n % halo_w
+            k_in = n < halo
+            k_t = tl.load(k_base + c[:, None] * stride_kc + ky[None, :] * stride_kh + kx[None, :] * stride_kw,
+                          mask=(c[:, None] < C) & k_in[None, :], other=0.0)  # (C_PAD, N)
+            v_t = tl.load(v_base + kk[:, None] * stride_vk + ky[None, :] * stride_vh + kx[None, :] * stride_vw,
+                          mask=(kk[:, None] < K) & k_in[None, :], other=0.0)  # (K_PAD, N)
+            s = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2
+            valid = (q_in[:, None] & k_in[None, :] & (tl.abs(ky[None, :] - qy[:, None]) <= radius)
+                     & (tl.abs(kx[None, :] - qx[:, None]) <= radius))
+            p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)  # (M, N) attention weights
+            dp = tl.dot(do, v_t, input_precision=PRECISION)  # (M, N) dL/dp
+            ds = p * (dp - delta[:, None])  # (M, N) dL/d(score)
+            dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
+    dq = dq * inv_temperature
+    tl.store(dq_ptr + b * C * H * W + c[None, :] * H * W + qy[:, None] * W + qx[:, None],
+             dq.to(dq_ptr.dtype.element_ty), mask=q_in[:, None] & (c[None, :] < C))
+
+
+@triton.jit
+def _bwd_ref_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    stride_qb, stride_qc, stride_qh, stride_qw,
+    stride_kb, stride_kr, stride_kc, stride_kh, stride_kw,
+    stride_vb, stride_vr, stride_vk, stride_vh, stride_vw,
+    stride_ob, stride_ok, stride_oh, stride_ow,
+    R, C, K, H, W, radius, scale_log2, inv_temperature,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
+    C_PAD: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """d(refs) and d(values) for one tile of positions of reference r: walk the queries whose windows hold it."""
+    b = tl.program_id(1) // R
+    r = tl.program_id(1) % R
+    n_tiles_w = tl.cdiv(W, TILE_W)
+    y0 = (tl.program_id(0) // n_tiles_w) * TILE_H
+    x0 = (tl.program_id(0) % n_tiles_w) * TILE_W
+    m = tl.arange(0, TILE_H * TILE_W)
+    ky = y0 + m // TILE_W  # (M,) reference coordinates owned by this program
+    kx = x0 + m % TILE_W
+    k_in = (ky < H) & (kx < W)
+    c = tl.arange(0, C_PAD)
+    kk = tl.arange(0, K_PAD)
+    k_base = k_ptr + b * stride_kb + r * stride_kr
+    v_base = v_ptr + b * stride_vb + r * stride_vr
+    k = tl.load(k_base + c[None, :] * stride_kc + ky[:, None] * stride_kh + kx[:, None] * stride_kw,
+                mask=k_in[:, None] & (c[None, :] < C), other=0.0)  # (M, C_PAD)
+    v = tl.load(v_base + kk[None, :] * stride_vk + ky[:, None] * stride_vh + kx[:, None] * stride_vw,
+                mask=k_in[:, None] & (kk[None, :] < K), other=0.0)  # (M, K_PAD)
+
+    hy0 = tl.maximum(y0 - radius, 0)
+    hx0 = tl.maximum(x0 - radius, 0)
+    halo_w = tl.minimum(x0 + TILE_W + radius, W) - hx0
+    halo = (tl.minimum(y0 + TILE_H + radius, H) - hy0) * halo_w
+
+    dk = tl.zeros([TILE_H * TILE_W, C_PAD], tl.float32)
+    dv = tl.zeros([TILE_H * TILE_W, K_PAD], tl.float32)
+    for start in range(0, halo, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        qy = hy0 + n // halo_w  # (N,) query coordinates
+        qx = hx0 + n % halo_w
+        q_in = n < halo
+        q_t = tl.load(q_ptr + b * stride_qb + c[:, None] * stride_qc + qy[None, :] * stride_qh + qx[None, :] * stride_qw,
+                      mask=(c[:, None] < C) & q_in[None, :], other=0.0)  # (C_PAD, N)
+        do = tl.load(do_ptr + b * stride_ob + kk[None, :] * stride_ok + qy[:, None] * stride_oh + qx[:, None] * stride_ow,
+                     mask=q_in[:, None] & (kk[None, :] < K), other=0.0)  # (N, K_PAD)
+        lse = tl.load(lse_ptr + b * H * W + qy * W + qx, mask=q_in, other=0.0)
+        delta = tl.load(delta_ptr + b * H * W + qy * W + qx, mask=q_in, other=0.0)
+        s_t = tl.dot(k, q_t, input_precision=PRECISION) * scale_log2  # (M, N) scores, transposed
+        valid = (k_in[:, None] & q_in[None, :] & (tl.abs(ky[:, None] - qy[None, :]) <= radius)
+                 & (tl.abs(kx[:, None] - qx[None, :]) <= radius))
+        p_t = tl.where(valid, tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+    dk = dk * inv_temperature
+    plane = ky[:, None] * W + kx[:, None]
+    tl.store(dk_ptr + (b * R + r) * C * H * W + c[None, :] * H * W + plane,
+             dk.to(dk_ptr.dtype.element_ty), mask=k_in[:, None] & (c[None, :] < C))
+    tl.store(dv_ptr + (b * R + r) * K * H * W + kk[None, :] * H * W + plane,
+             dv.to(dv_ptr.dtype.element_ty), mask=k_in[:, None] & (kk[None, :] < K))
+
+
+def _launch_args(query, refs, values, out, radius, temperature):
+    B, C, H, W = query.shape
+    R, K = refs.shape[1], values.shape[2]
+    strides = (*query.stride(), *refs.stride(), *values.stride(), *out.stride())
+    meta = dict(TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_N=BLOCK_N,
+                C_PAD=max(16, triton.next_power_of_2(C)), K_PAD=max(16, triton.next_power_of_2(K)),
+                PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+    grid = (triton.cdiv(H, TILE_H) * triton.cdiv(W, TILE_W), B)
+    return strides, (R, C, K, H, W, radius, LOG2E / temperature), meta, grid
+
+
+class _LocalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, refs, values, radius, temperature):
+        B, C, H, W = query.shape
+        out = torch.empty(B, values.shape[2], H, W, device=query.device, dtype=query.dtype)
+        lse = torch.empty(B, H, W, device=query.device, dtype=torch.float32)
+        strides, sizes, meta, grid = _launch_args(query, refs, values, out, radius, temperature)
+        _fwd_kernel[grid](query, refs, values, out, lse, *strides, *sizes, **meta)
+        ctx.save_for_backward(query, refs, values, out, lse)
+        ctx.radius, ctx.temperature = radius, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, refs, values, out, lse = ctx.saved_tensors
+        B, R = refs.shape[:2]
+        delta = (grad_out.float() * out.float()).sum(1)  # (B, H, W): sum_k dO * O, the softmax correction
+        strides, sizes, meta, grid = _launch_args(query, refs, values, grad_out, ctx.radius, ctx.temperature)
+        sizes = (*sizes, 1.0 / ctx.temperature)
+        d_query = d_refs = d_values = None
+        if ctx.needs_input_grad[0]:
+            d_query = torch.empty(query.shape, device=query.device, dtype=query.dtype)
+            _bwd_query_kernel[grid](query, refs, values, grad_out, lse, delta, d_query, *strides, *sizes, **meta)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            d_refs = torch.empty(refs.shape, device=refs.device, dtype=refs.dtype)
+            d_values = torch.empty(values.shape, device=values.device, dtype=values.dtype)
+            _bwd_ref_kernel[(grid[0], B * R)](query, refs, values, grad_out, lse, delta, d_refs, d_values,
+                                              *strides, *sizes, **meta)
+        return d_query, d_refs, d_values, None, None
+
+
+def local_attention_triton(query, refs, values, radius, temperature=1.0):
+    """Fused Triton restricted attention, forward and backward; same signature and result as the reference.
+
+    Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, fp32/fp16 only).
+    Saved for the backward: query, refs, values, the output and a (B, H, W) fp32 log-sum-exp.
+    """
+    _check(query, refs, values, radius, temperature)
+    return _LocalAttention.apply(query, refs, values, radius, float(temperature))
+
+
 def local_attention(query, refs, values, radius, temperature=1.0):
     """Restricted attention: fused Triton kernels for CUDA tensors, the plain PyTorch reference otherwise."""
     if query.is_cuda:
         return local_attention_triton(query, refs, values, radius, temperature)
     return local_attention_ref(query, refs, values, radius, temperature)
 
-
-def local_attention_triton(query, refs, values, radius, temperature=1.0):
-    raise NotImplementedError  # being written

@@ -1,0 +1,343 @@
+"""Scores video object segmentation on DAVIS (J, F, J&F) and keypoint tracking (PCK).
+
+Masks, as the official DAVIS-2017 semi-supervised evaluator scores them:
+- Objects are the ids 1..N of the first frame's annotation (N = its largest id; 255 = void, read as background).
+  Each object is scored as the binary masks `pred == o` and `gt == o` on every frame but the first and the last.
+- J = intersection / union; an empty union scores 1.
+- F = boundary F-measure. The boundary of a mask is the pixels that differ from their east, south or south-east
+  neighbour (last row: east only; last column: south only; corner: never). Boundaries match within a disk of radius
+  ceil(0.008 x image diagonal) pixels (8 px at 854x480): precision = share of predicted boundary pixels within that
+  disk of a true one, recall = the converse, F = 2PR / (P + R) (0 when P + R = 0). An empty predicted boundary has
+  P = 1, R = 0; an empty true one P = 0, R = 1; both empty P = R = 1.
+- Per object: mean over frames. J-Mean and F-Mean: mean over all objects of all sequences. J&F: their mean.
+
+Keypoints (PCK@a): see `pck`. Predicted keypoint JSON, one file `<sequence>.json` per sequence:
+    {"sequence": "dog", "frame_size": [W, H],
+     "frames": [0, 1, ..., T-1],       # every frame of the video, ascending
+     "xy": [[[x, y] or null, ...], ...]}  # T x J, the ground truth's J joints, pixels in the W x H frame;
+                                          # null for joints not visible in the first labelled frame
+The ground-truth JSON has the same keys with "frames" = the labelled frames only and a "visible" T x J list.
+
+Usage:
+    python evaluate.py davis ROOT --predictions DIR [--csv FILE]   # score DIR/<seq>/%05d.png
+    python evaluate.py davis ROOT --out DIR [propagation options]   # propagate each sequence, then score
+    python evaluate.py points DIR [--gt KEYPOINT_DIR]               # score DIR/<seq>.json
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_KEYPOINTS = Path(__file__).resolve().parent.parent / "shared" / "data" / "keypoints"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-frame metrics
+
+
+def db_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Jaccard index of two boolean (H, W) masks; 1 when both are empty."""
+    union = np.count_nonzero(pred | gt)
+    return 1.0 if union == 0 else np.count_nonzero(pred & gt) / union
+
+
+def boundary_map(mask: np.ndarray) -> np.ndarray:
+    """Boolean (H, W): pixels that differ from their east, south or south-east neighbour (the official seg2bmap)."""
+    b = np.zeros_like(mask)
+    b[:-1, :-1] = (mask[:-1, :-1] != mask[:-1, 1:]) | (mask[:-1, :-1] != mask[1:, :-1]) | (mask[:-1, :-1] != mask[1:, 1:])
+    b[-1, :-1] = mask[-1, :-1] != mask[-1, 1:]  # last row: east neighbour only
+    b[:-1, -1] = mask[:-1, -1] != mask[1:, -1]  # last column: south neighbour only; the corner stays 0
+    return b
+
+
+def disk_half_widths(radius: int) -> list[int]:
+    """Half-width of each row dy = 0..radius of the disk x^2 + y^2 <= radius^2 (skimage's `disk`)."""
+    return [math.isqrt(radius * radius - dy * dy) for dy in range(radius + 1)]
+
+
+def dilate_disk(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation of a boolean (H, W) mask by a disk; pixels outside the image count as empty (like cv2).
+
+    The disk is a union of horizontal segments, so: dilate horizontally once per half-width (growing one pixel at
+    a time), then OR each row offset dy of the disk shifted vertically. About 4 x radius whole-array boolean ops.
+    """
+    h, w = mask.shape
+    pad = np.zeros((h + 2 * radius, w + 2 * radius), dtype=bool)
+    pad[radius:radius + h, radius:radius + w] = mask
+    widths = disk_half_widths(radius)
+    rows = {0: pad.copy()}  # half-width -> horizontally dilated (padded) mask
+    grown = pad.copy()
+    for k in range(1, widths[0] + 1):
+        grown[:, k:] |= pad[:, :-k]
+        grown[:, :-k] |= pad[:, k:]
+        if k in widths:
+            rows[k] = grown.copy()
+    out = np.zeros((h, w), dtype=bool)
+    for dy in range(-radius, radius + 1):
+        out |= rows[widths[abs(dy)]][radius + dy:radius + dy + h, radius:radius + w]
+    return out
+
+
+def bound_pixels(shape: tuple[int, int], bound_th: float = 0.008) -> int:
+    """Match tolerance in pixels: bound_th itself when >= 1, else ceil(bound_th x image diagonal)."""
+    return int(bound_th) if bound_th >= 1 else math.ceil(bound_th * math.hypot(*shape))
+
+
+def db_boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) -> float:
+    """Boundary F-measure of two boolean (H, W) masks (see the module docstring for the rule)."""
+    radius = bound_pixels(pred.shape, bound_th)
+    pred_b, gt_b = boundary_map(pred), boundary_map(gt)
+    n_pred, n_gt = np.count_nonzero(pred_b), np.count_nonzero(gt_b)
+    if n_pred == 0 or n_gt == 0:
+        return 1.0 if n_pred == n_gt else 0.0  # P, R = (1, 0) or (0, 1) give F = 0; both empty give F = 1
+    # Only the bounding box of both boundaries (plus the radius) can change the counts: dilate there.
+    ys, xs = np.nonzero(pred_b | gt_b)
+    y0, y1 = max(ys.min() - radius, 0), ys.max() + radius + 1
+    x0, x1 = max(xs.min() - radius, 0), xs.max() + radius + 1
+    pred_b, gt_b = pred_b[y0:y1, x0:x1], gt_b[y0:y1, x0:x1]
+    precision = np.count_nonzero(pred_b & dilate_disk(gt_b, radius)) / n_pred
+    recall = np.count_nonzero(gt_b & dilate_disk(pred_b, radius)) / n_gt
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DAVIS
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """(H, W) uint8 label map from a palette or grey PNG (palette indices, not colours)."""
+    with Image.open(path) as im:
+        if im.mode not in ("P", "L"):
+            raise ValueError(f"{path}: expected a palette or grey PNG of object ids, got mode {im.mode}")
+        return np.array(im)
+
+
+def read_annotation(path: Path) -> np.ndarray:
+    labels = read_label_png(path)
+    labels[labels == 255] = 0  # void: the official semi-supervised evaluation reads it as background
+    return labels
+
+
+def score_sequence(pred_dir: Path, gt_dir: Path) -> dict[int, dict[str, list[float]]]:
+    """{object id: {"J": [...], "F": [...]}}, one value per frame but the first and the last."""
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    gt_paths = sorted(gt_dir.glob("*.png"))
+    if not gt_paths:
+        raise ValueError(f"no annotations in {gt_dir}")
+    n_objects = int(read_annotation(gt_paths[0]).max())
+    scores = {o: {"J": [], "F": []} for o in range(1, n_objects + 1)}
+    for gt_path in gt_paths[1:-1]:
+        pred_path = pred_dir / gt_path.name
+        if not pred_path.is_file():
+            raise ValueError(f"missing prediction {pred_path}")
+        gt, pred = read_annotation(gt_path), read_label_png(pred_path)
+        if pred.shape != gt.shape:
+            raise ValueError(f"{pred_path}: size {pred.shape[1]}x{pred.shape[0]}, annotation is {gt.shape[1]}x{gt.shape[0]}")
+        if pred.max() > n_objects:
+            raise ValueError(f"{pred_path}: object id {pred.max()}, annotation has {n_objects} object(s)")
+        for o, s in scores.items():
+            p, g = pred == o, gt == o
+            s["J"].append(db_iou(p, g))
+            s["F"].append(db_boundary_f(p, g))
+    return scores
+
+
+def read_sequences(root: Path) -> list[str]:
+    return (Path(root) / "ImageSets" / "2017" / "val.txt").read_text().split()
+
+
+def score_davis(root: Path, pred_dir: Path, sequences: list[str]) -> dict[str, dict[int, dict[str, list[float]]]]:
+    """{sequence: score_sequence(...)} for predictions in pred_dir/<sequence>/%05d.png."""
+    gt_root = Path(root) / "Annotations" / "480p"
+    return {seq: score_sequence(Path(pred_dir) / seq, gt_root / seq) for seq in sequences}
+
+
+def summarise(results: dict) -> dict[str, float]:
+    """J-Mean and F-Mean over all objects of all sequences, and J&F."""
+    per_object = [s for objects in results.values() for s in objects.values()]
+    j = float(np.mean([np.mean(s["J"]) for s in per_object]))
+    f = float(np.mean([np.mean(s["F"]) for s in per_object]))
+    return {"J&F": (j + f) / 2, "J-Mean": j, "F-Mean": f}
+
+
+def write_csv_atomic(path: Path, rows: list[list]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def report_davis(results: dict, csv_path: Path) -> dict[str, float]:
+    """Print the per-sequence table and the final line; write per-object rows and a mean row to csv_path."""
+    print(f"{'sequence':<20} {'objects':>7} {'J':>6} {'F':>6}")
+    rows = [["sequence", "object", "J", "F", "J&F"]]
+    for seq, objects in results.items():
+        j = [float(np.mean(s["J"])) for s in objects.values()]
+        f = [float(np.mean(s["F"])) for s in objects.values()]
+        print(f"{seq:<20} {len(objects):>7} {np.mean(j):6.3f} {np.mean(f):6.3f}")
+        rows += [[seq, o, f"{jo:.6f}", f"{fo:.6f}", f"{(jo + fo) / 2:.6f}"] for o, jo, fo in zip(objects, j, f)]
+    summary = summarise(results)
+    rows.append(["mean", "all", f"{summary['J-Mean']:.6f}", f"{summary['F-Mean']:.6f}", f"{summary['J&F']:.6f}"])
+    write_csv_atomic(csv_path, rows)
+    print(f"J&F {summary['J&F']:.3f}  J-Mean {summary['J-Mean']:.3f}  F-Mean {summary['F-Mean']:.3f}")
+    return summary
+
+
+def propagate_davis(root: Path, out_dir: Path, sequences: list[str], args: argparse.Namespace) -> None:
+    """Propagate each sequence's first annotation with propagate.py and write out_dir/<seq>/%05d.png."""
+    import imageio.v3 as iio
+    import torch
+
+    import propagate
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = propagate.config_from_args(args)
+    encoder = propagate.load_encoder(args.checkpoint, args.features, device)
+    for seq in sequences:
+        frame_paths = sorted((Path(root) / "JPEGImages" / "480p" / seq).glob("*.jpg"))
+        frames = [iio.imread(p) for p in frame_paths]  # (H, W, 3) uint8 RGB each
+        first_path = Path(root) / "Annotations" / "480p" / seq / f"{frame_paths[0].stem}.png"
+        with Image.open(first_path) as first:
+            palette = first.getpalette()  # predictions get the annotations' colours
+        first_mask = read_annotation(first_path)
+        seq_dir = Path(out_dir) / seq
+        seq_dir.mkdir(parents=True, exist_ok=True)
+        n = 0
+        for path, labels in zip(frame_paths, propagate.propagate_masks(frames, first_mask, cfg, encoder, device)):
+            im = Image.fromarray(labels.astype(np.uint8), mode="P")
+            if palette:
+                im.putpalette(palette)
+            im.save(seq_dir / f"{path.stem}.png")
+            n += 1
+        if n != len(frame_paths):
+            raise ValueError(f"{seq}: propagation gave {n} masks for {len(frame_paths)} frames")
+        print(f"{seq}: {n} masks -> {seq_dir}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Keypoints
+
+
+def pck_counts(pred: dict, gt: dict, alpha: float) -> tuple[int, int]:
+    """(correct, scored) points of one sequence for PCK@alpha.
+
+    Rule: the joints tracked are those visible in the first labelled frame. Every later labelled frame scores the
+    tracked joints visible in it; a prediction is correct when its Euclidean distance to the true point is at most
+    alpha x max(w, h), with (w, h) the bounding box of all of that frame's visible true points. A missing (null)
+    prediction of a scored joint counts as wrong.
+    """
+    pred_rows = dict(zip(pred["frames"], pred["xy"]))
+    tracked = np.asarray(gt["visible"][0], dtype=bool)
+    correct = total = 0
+    for frame, xy, visible in zip(gt["frames"][1:], gt["xy"][1:], gt["visible"][1:]):
+        if frame not in pred_rows:
+            raise ValueError(f"{gt['sequence']}: no prediction for frame {frame}")
+        xy, visible = np.asarray(xy, dtype=float), np.asarray(visible, dtype=bool)
+        scored = np.flatnonzero(tracked & visible)
+        if len(scored) == 0:
+            continue
+        box = xy[visible].max(0) - xy[visible].min(0)  # (w, h) of all the frame's visible true points
+        for j in scored:
+            p = pred_rows[frame][j]
+            total += 1
+            correct += p is not None and math.dist(p, xy[j]) <= alpha * box.max()
+    return int(correct), total
+
+
+def pck(pred: dict, gt: dict, alpha: float) -> float:
+    """PCK@alpha of one sequence (see `pck_counts` for the rule); nan when no point is scored."""
+    correct, total = pck_counts(pred, gt, alpha)
+    return correct / total if total else float("nan")
+
+
+def score_points(pred_dir: Path, gt_dir: Path, alphas: tuple[float, ...] = (0.1, 0.2)) -> dict[str, dict[float, tuple[int, int]]]:
+    """{sequence: {alpha: (correct, scored)}} for every ground-truth JSON in gt_dir; each needs pred_dir/<seq>.json."""
+    gt_paths = sorted(Path(gt_dir).glob("*.json"))
+    if not gt_paths:
+        raise ValueError(f"no keypoint JSONs in {gt_dir}")
+    results = {}
+    for gt_path in gt_paths:
+        pred_path = Path(pred_dir) / gt_path.name
+        if not pred_path.is_file():
+            raise ValueError(f"missing prediction {pred_path}")
+        gt, pred = json.loads(gt_path.read_text()), json.loads(pred_path.read_text())
+        results[gt_path.stem] = {a: pck_counts(pred, gt, a) for a in alphas}
+    return results
+
+
+def report_points(results: dict) -> dict[float, float]:
+    """Print per-sequence PCK and the pooled mean (every scored point of every sequence counts once)."""
+    alphas = list(next(iter(results.values())))
+    print(f"{'sequence':<20} {'points':>6} " + " ".join(f"PCK@{a:<4}" for a in alphas))
+    for seq, counts in results.items():
+        print(f"{seq:<20} {counts[alphas[0]][1]:>6} " + " ".join(f"{c / max(t, 1):8.3f}" for c, t in counts.values()))
+    mean = {a: sum(r[a][0] for r in results.values()) / max(sum(r[a][1] for r in results.values()), 1) for a in alphas}
+    print("  ".join(f"PCK@{a} {v:.3f}" for a, v in mean.items()))
+    return mean
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main_davis(root: Path, predictions: Path | None, out: Path | None, csv_path: Path | None,
+               sequences: list[str] | None, args: argparse.Namespace) -> dict[str, float]:
+    sequences = sequences or read_sequences(root)
+    if predictions is None:
+        if out is None:
+            raise ValueError("give --predictions DIR to score, or --out DIR to propagate and score")
+        propagate_davis(root, out, sequences, args)
+        predictions = out
+    results = score_davis(root, predictions, sequences)
+    return report_davis(results, csv_path or Path(predictions) / "scores.csv")
+
+
+def main_points(pred_dir: Path, gt_dir: Path) -> dict[float, float]:
+    return report_points(score_points(pred_dir, gt_dir))
+
+
+def build_parser(propagation: bool = True) -> argparse.ArgumentParser:
+    """The CLI; `propagation=False` leaves out propagate.py's options (and its torch import) when only scoring."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="task", required=True)
+    davis = sub.add_parser("davis", help="J, F, J&F on a DAVIS-layout folder")
+    davis.add_argument("root", type=Path, help="JPEGImages/480p, Annotations/480p, ImageSets/2017/val.txt")
+    davis.add_argument("--predictions", type=Path, help="score DIR/<seq>/%%05d.png instead of propagating")
+    davis.add_argument("--out", type=Path, help="where propagation writes DIR/<seq>/%%05d.png")
+    davis.add_argument("--csv", type=Path, help="per-object scores (default: <predictions>/scores.csv)")
+    davis.add_argument("--sequences", nargs="+", help="default: every sequence of ImageSets/2017/val.txt")
+    davis.add_argument("--checkpoint", type=Path, help="encoder weights for propagation")
+    davis.add_argument("--features", help="feature kind passed to propagate.load_encoder")
+    davis.add_argument("--device", help="default: cuda when available, else cpu")
+    if propagation:
+        import propagate
+        propagate.add_propagation_args(davis)
+    points = sub.add_parser("points", help="PCK@0.1 and PCK@0.2 of keypoint JSONs")
+    points.add_argument("predictions", type=Path, help="folder of <sequence>.json")
+    points.add_argument("--gt", type=Path, default=DEFAULT_KEYPOINTS, help="ground-truth keypoint JSONs")
+    return parser
+
+
+if __name__ == "__main__":
+    only_scoring = sys.argv[1:2] != ["davis"] or any(a.startswith("--predictions") for a in sys.argv)
+    args = build_parser(propagation=not only_scoring).parse_args()
+    try:
+        if args.task == "davis":
+            main_davis(args.root, args.predictions, args.out, args.csv, args.sequences, args)
+        else:
+            main_points(args.predictions, args.gt)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")

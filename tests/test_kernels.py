@@ -1,0 +1,174 @@
+"""The fused restricted attention against its plain PyTorch specification (CPU: Triton's interpreter, fp32)."""
+import importlib
+
+import pytest
+import torch
+
+from kernels import local_attention, local_attention_ref, local_attention_triton
+
+# one tolerance table: (atol, rtol) per dtype, for the fused op vs the reference
+TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-10, 1e-10)}
+
+
+def make_inputs(B, R, C, K, H, W, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    r = torch.randn(B, R, C, H, W, generator=g, dtype=torch.float64)
+    v = torch.randn(B, R, K, H, W, generator=g, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, r, v)]
+
+
+def dense_local_attention(query, refs, values, radius, temperature):
+    """A second formulation: the full (HW x R*HW) affinity, masked to the window, one softmax per row."""
+    B, C, H, W = query.shape
+    R = refs.shape[1]
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    yy, xx = yy.flatten(), xx.flatten()
+    near = ((yy[:, None] - yy[None]).abs() <= radius) & ((xx[:, None] - xx[None]).abs() <= radius)  # (HW, HW)
+    scores = torch.einsum("bcp,brcq->bprq", query.flatten(2), refs.flatten(3)) / temperature
+    scores = scores.masked_fill(~near[None, :, None, :], float("-inf"))
+    attn = torch.softmax(scores.flatten(2), dim=-1).view_as(scores)
+    return torch.einsum("bprq,brkq->bkp", attn, values.flatten(3)).view(B, -1, H, W)
+
+
+# (B, R, C, K, H, W, radius, temperature): odd sizes, 1x1 image, radius beyond the image, C/K not powers of two
+SHAPES = [
+    (1, 1, 16, 4, 8, 8, 1, 1.0),
+    (1, 1, 24, 3, 23, 41, 2, 0.7),
+    (1, 3, 24, 3, 11, 13, 2, 1.0),
+    (3, 1, 16, 16, 5, 6, 10, 1.0),
+    (1, 1, 5, 2, 1, 1, 4, 2.0),
+    (2, 3, 3, 1, 3, 17, 0, 0.5),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+def test_triton_matches_reference(shape):
+    *sizes, radius, temperature = shape
+    inputs = make_inputs(*sizes)
+    out_ref = local_attention_ref(*inputs, radius, temperature)
+    grad_out = torch.randn_like(out_ref)  # the same upstream gradient through both
+    grads_ref = torch.autograd.grad(out_ref, inputs, grad_out)
+    out = local_attention_triton(*inputs, radius, temperature)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(out, out_ref, atol=atol, rtol=rtol)
+    for name, g, g_ref in zip(("query", "refs", "values"), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=atol, rtol=rtol, msg=lambda m: f"d({name}): {m}")
+
+
+def test_triton_non_contiguous_inputs():
+    B, R, C, K, H, W = 2, 2, 12, 5, 9, 14
+    g = torch.Generator().manual_seed(1)
+    # channels-last query, refs sliced out of a larger tensor, values transposed in H/W
+    q = torch.randn(B, H, W, C, generator=g).permute(0, 3, 1, 2).requires_grad_()
+    r = torch.randn(B, R, 2 * C, H, W, generator=g)[:, :, ::2].requires_grad_()
+    v = torch.randn(B, R, K, W, H, generator=g).transpose(3, 4).requires_grad_()
+    assert not (q.is_contiguous() or r.is_contiguous() or v.is_contiguous())
+    out_ref = local_attention_ref(q, r, v, 3)
+    grad_out = torch.randn_like(out_ref)
+    grads_ref = torch.autograd.grad(out_ref, (q, r, v), grad_out)
+    out = local_attention_triton(q, r, v, 3)
+    grads = torch.autograd.grad(out, (q, r, v), grad_out)
+    torch.testing.assert_close(out, out_ref, atol=2e-5, rtol=2e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 5, 3, 7, 9, 2, 0.5), (1, 3, 4, 2, 6, 5, 1, 1.0), (1, 2, 3, 2, 4, 4, 9, 1.0)])
+def test_reference_matches_dense_formulation(shape):
+    *sizes, radius, temperature = shape
+    inputs = [t.detach() for t in make_inputs(*sizes, dtype=torch.float64)]
+    out = local_attention_ref(*inputs, radius, temperature)
+    expected = dense_local_attention(*inputs, radius, temperature)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_reference_gradcheck():
+    inputs = make_inputs(2, 2, 3, 2, 4, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda q, r, v: local_attention_ref(q, r, v, 1, 0.8), inputs)
+
+
+def test_reference_chunks_rows(monkeypatch):
+    """Row chunking (used to bound memory) gives the same result as one chunk."""
+    la = importlib.import_module("kernels.local_attention")  # the module, not the function of that name
+
+    inputs = [t.detach() for t in make_inputs(1, 2, 4, 3, 9, 7, dtype=torch.float64)]
+    whole = local_attention_ref(*inputs, 2)
+    monkeypatch.setattr(la, "SCORE_BUDGET_BYTES", 1)  # one row per chunk
+    torch.testing.assert_close(local_attention_ref(*inputs, 2), whole, atol=1e-12, rtol=1e-12)
+
+
+def test_dispatch_uses_reference_on_cpu():
+    inputs = [t.detach() for t in make_inputs(1, 1, 4, 2, 5, 5)]
+    torch.testing.assert_close(local_attention(*inputs, 1), local_attention_ref(*inputs, 1), atol=0, rtol=0)
+
+
+def _bad_arguments():
+    q, r, v = (t.detach() for t in make_inputs(1, 2, 4, 3, 5, 6))
+    return [
+        ("query must be", (q[0], r, v, 1, 1.0)),
+        ("refs must be", (q, r[0], v, 1, 1.0)),
+        ("values must be", (q, r, v[0], 1, 1.0)),
+        ("do not match query", (q, r[:, :, :3], v, 1, 1.0)),
+        ("do not match query", (q, r[..., :5], v, 1, 1.0)),
+        ("do not match query", (torch.cat([q, q]), r, v, 1, 1.0)),
+        ("do not match refs", (q, r, v[:, :1], 1, 1.0)),
+        ("do not match refs", (q, r, v[..., :4, :], 1, 1.0)),
+        ("radius", (q, r, v, -1, 1.0)),
+        ("radius", (q, r, v, 1.5, 1.0)),
+        ("temperature", (q, r, v, 1, 0.0)),
+        ("temperature", (q, r, v, 1, -2.0)),
+        ("temperature", (q, r, v, 1, float("nan"))),
+        ("floating-point", (q.long(), r.long(), v.long(), 1, 1.0)),
+        ("dtypes differ", (q, r.double(), v, 1, 1.0)),
+        ("empty input", (q[..., :0], r[..., :0], v[..., :0], 1, 1.0)),
+    ]
+
+
+@pytest.mark.parametrize("fn", [local_attention_ref, local_attention_triton, local_attention])
+def test_bad_arguments_raise_value_error(fn):
+    for match, args in _bad_arguments():
+        with pytest.raises(ValueError, match=match) as info:
+            fn(*args)
+        assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES + [(4, 1, 64, 16, 64, 64, 6, 1.0), (1, 4, 64, 8, 30, 54, 12, 1.0)])
+def test_gpu_fp32_matches_reference(shape):
+    *sizes, radius, temperature = shape
+    inputs = make_inputs(*sizes, device="cuda")
+    out_ref = local_attention_ref(*inputs, radius, temperature)
+    grad_out = torch.randn_like(out_ref)
+    grads_ref = torch.autograd.grad(out_ref, inputs, grad_out)
+    out = local_attention_triton(*inputs, radius, temperature)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    torch.testing.assert_close(out, out_ref, atol=1e-4, rtol=1e-4)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 1, 64, 16, 37, 29, 6, 8.0), (1, 3, 24, 3, 23, 41, 4, 4.0)])
+def test_gpu_low_precision_within_2x_of_reference_error(dtype, shape):
+    """In fp16/bf16, the kernel's error (vs fp64) is at most twice the plain PyTorch op's own error."""
+    *sizes, radius, temperature = shape
+    exact = make_inputs(*sizes, dtype=torch.float64, device="cuda")
+    out_exact = local_attention_ref(*exact, radius, temperature)
+    grad_out = torch.randn_like(out_exact)
+    grads_exact = torch.autograd.grad(out_exact, exact, grad_out)
+
+    def errors(fn):
+        low = [t.detach().to(dtype).requires_grad_() for t in exact]
+        out = fn(*low, radius, temperature)
+        grads = torch.autograd.grad(out, low, grad_out.to(dtype))
+        pairs = [(out, out_exact)] + list(zip(grads, grads_exact))
+        return [(a.double() - b).abs().max().item() for a, b in pairs]
+
+    for err, err_ref in zip(errors(local_attention_triton), errors(local_attention_ref)):
+        assert err <= 2 * err_ref + 1e-6, (err, err_ref)
