@@ -1,0 +1,428 @@
+"""Propagate the first frame's object masks (or keypoints) through a video by copying labels with restricted attention.
+
+    python propagate.py VIDEO MASK.png [--out DIR]      # VIDEO: a video file or a folder of frames
+    python propagate.py VIDEO POINTS.json [--out DIR]   # keypoints, in the layout of data/keypoints/*.json
+    python propagate.py VIDEO MASK.png --features lab   # no learning: raw Lab colour as the features
+
+Every frame is encoded once at stride 4. Its labels are copied from the references: the first frame with its true
+labels and the N most recent frames with their predicted labels, through one softmax over all
+R x (2 * radius + 1)^2 candidates of each position (`kernels.local_attention`). Only the references are kept, so memory
+does not grow with the video's length. `--protocol corrflow` is the paper's protocol (previous frame only, its hard
+argmax fed back, radius 6, raw dot products); the default is the best setting measured on DAVIS (first + 3 recent
+frames, soft labels). Top-k attention is not offered: it needs the attention weights, which the fused op never builds.
+Outputs: one palette PNG per frame (00000.png ..., first frame included) or points.json, and an overlay video.
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import av
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from data import count_frames, read_frames, rgb_to_lab
+from kernels import local_attention
+from model import STRIDE, downsample_labels, load_checkpoint
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "corrflow.pt"
+POINT_SIGMA = 1.0  # std of a keypoint's Gaussian heat map, in stride-4 cells (= 4 pixels of the frame)
+POINT_TOPK = 5  # a point's location: probability-weighted mean of its 5 most probable stride-4 cells
+
+
+@dataclass
+class PropagationConfig:
+    features: str = "model"  # "model": CorrFlow encoder from a checkpoint; "lab": raw Lab colour, no learning
+    radius: int = 6  # window radius at stride 4: (2r+1)^2 = 13x13 candidates per reference (CorrFlow: 6)
+    temperature: Optional[float] = None  # softmax temperature; None: the features' own (model 1.0, lab 0.001)
+    use_first: bool = True  # the first frame and its true labels stay a reference throughout (CorrFlow: no)
+    num_recent: int = 3  # N most recent frames, with their predicted labels, as references (CorrFlow: 1)
+    soft_labels: bool = True  # feed back probabilities; False: one-hot of the argmax (CorrFlow)
+
+
+PROTOCOLS = {
+    # best measured on DAVIS with Lab features: first + 3 recent frames, soft labels (J&F 0.574 at temperature 0.001)
+    "default": dict(radius=6, use_first=True, num_recent=3, soft_labels=True),
+    # Lai & Xie 2019: previous frame only, its hard argmax, radius 6; temperature stays the features' own (model: 1)
+    "corrflow": dict(radius=6, use_first=False, num_recent=1, soft_labels=False),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Features
+
+
+class Encoder:
+    """RGB (B, 3, H, W) in [0, 1], H and W multiples of 4 -> (query_feats, key_feats), each (B, C, H/4, W/4).
+
+    The attention logits are <query, key> / temperature. For squared-distance features (Lab) the pair is augmented so
+    that the dot product gives -|q - k|^2 up to a per-query constant, which the softmax ignores:
+    -|q - k|^2 = 2 q.k - |k|^2 - |q|^2, so query' = [2q, 1] and key' = [k, -|k|^2].
+    """
+
+    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], squared_distance: bool, temperature: float):
+        self.embed = embed
+        self.squared_distance = squared_distance
+        self.temperature = temperature  # used when the config leaves temperature at None
+
+    @torch.inference_mode()
+    def __call__(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.embed(rgb).float()  # (B, C, H/4, W/4)
+        if not self.squared_distance:
+            return feats, feats
+        sq = (feats * feats).sum(1, keepdim=True)  # (B, 1, H/4, W/4)
+        return torch.cat([2 * feats, torch.ones_like(sq)], 1), torch.cat([feats, -sq], 1)  # (B, C+1, H/4, W/4)
+
+
+def lab_features(rgb: torch.Tensor) -> torch.Tensor:
+    """RGB (B, 3, H, W) -> Lab averaged over 4x4 cells, scaled to about [-1, 1]: (L/50 - 1, a/128, b/128)."""
+    lab = rgb_to_lab(rgb)  # (B, 3, H, W): L in [0, 100], a and b in about [-128, 127]
+    scale = torch.tensor([1 / 50, 1 / 128, 1 / 128], device=rgb.device).view(1, 3, 1, 1)
+    shift = torch.tensor([-1.0, 0.0, 0.0], device=rgb.device).view(1, 3, 1, 1)
+    return F.avg_pool2d(lab * scale + shift, STRIDE)  # (B, 3, H/4, W/4)
+
+
+def load_encoder(checkpoint: Optional[str | Path], features: Optional[str], device: torch.device) -> Encoder:
+    """The feature extractor: "model" (CorrFlow weights from `checkpoint`, None for the shipped one) or "lab"."""
+    features = features or "model"
+    if features == "lab":
+        return Encoder(lab_features, squared_distance=True, temperature=0.001)
+    if features != "model":
+        raise ValueError(f"unknown features '{features}' (choose model or lab)")
+    if checkpoint is None or Path(checkpoint) == DEFAULT_CHECKPOINT:
+        if not DEFAULT_CHECKPOINT.is_file():
+            raise ValueError(f"{DEFAULT_CHECKPOINT.relative_to(DEFAULT_CHECKPOINT.parents[1])} not found: the trained "
+                             "weights are not shipped yet; pass --checkpoint PATH or use --features lab")
+        checkpoint = DEFAULT_CHECKPOINT
+    model, _, _ = load_checkpoint(checkpoint, map_location=device)
+    return Encoder(model.to(device), squared_distance=False, temperature=1.0)  # CorrFlow: raw dot products
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Propagation
+
+
+def to_tensor(frame: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, H', W') float in [0, 1], right/bottom edge replicated up to multiples of 4."""
+    rgb = torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1)[None].float() / 255
+    H, W = frame.shape[:2]
+    return F.pad(rgb, (0, -W % STRIDE, 0, -H % STRIDE), mode="replicate")
+
+
+@torch.inference_mode()
+def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: torch.Tensor, cfg: PropagationConfig,
+               encoder: Encoder, device: torch.device) -> Iterator[torch.Tensor]:
+    """The loop. Yields label probabilities (1, K, H'/4, W'/4) at stride 4 per frame, the first frame's own first."""
+    temperature = cfg.temperature if cfg.temperature is not None else encoder.temperature
+    if cfg.num_recent < (0 if cfg.use_first else 1):
+        raise ValueError("no references: keep the first frame or use --num-recent of at least 1")
+    nxt = next(frames, None)  # look one frame ahead so that a one-frame video fails before any output
+    if nxt is None:
+        raise ValueError("the video has a single frame: nothing to propagate")
+    _, first_key = encoder(to_tensor(first, device))  # (1, C, h, w)
+    recent = deque(maxlen=cfg.num_recent)  # (key (1, C, h, w), labels (1, K, h, w)) of the last N frames
+    if not cfg.use_first:
+        recent.append((first_key, first_labels))
+    yield first_labels
+    for frame in itertools.chain([nxt], frames):
+        if frame.shape != first.shape:
+            raise ValueError(f"frame size changed from {first.shape[1]}x{first.shape[0]} "
+                             f"to {frame.shape[1]}x{frame.shape[0]}")
+        query, key = encoder(to_tensor(frame, device))  # (1, C, h, w) each
+        refs = ([(first_key, first_labels)] if cfg.use_first else []) + list(recent)  # at most N + 1
+        ref_keys = torch.stack([k for k, _ in refs], 1)  # (1, R, C, h, w)
+        ref_labels = torch.stack([v for _, v in refs], 1)  # (1, R, K, h, w)
+        probs = local_attention(query, ref_keys, ref_labels, cfg.radius, temperature)  # (1, K, h, w)
+        if not cfg.soft_labels:
+            probs = F.one_hot(probs.argmax(1), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+        if cfg.num_recent > 0:
+            recent.append((key, probs))
+        yield probs
+
+
+def object_ids(mask: np.ndarray) -> np.ndarray:
+    """The object ids of a label map, background 0 excluded; ValueError when there is none."""
+    ids = np.unique(mask)
+    ids = ids[ids != 0]
+    if len(ids) == 0:
+        raise ValueError("the first-frame mask has no object (every pixel is background 0)")
+    return ids
+
+
+def propagate_masks(frames: Iterable[np.ndarray], first_mask: np.ndarray, cfg: PropagationConfig, encoder: Encoder,
+                    device: torch.device) -> Iterator[np.ndarray]:
+    """Frames (H, W, 3) uint8 RGB and the first frame's object ids (H, W) -> one (H, W) uint8 id map per frame.
+
+    Any ids: they become channels 1..N (background channel 0) and are mapped back on output. Streams: reads one frame
+    ahead and keeps only the references.
+    """
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError("the video has no frames")
+    H, W = first.shape[:2]
+    if first_mask.shape != (H, W):
+        raise ValueError(f"mask is {first_mask.shape[1]}x{first_mask.shape[0]} but the frames are {W}x{H}")
+    ids = object_ids(first_mask)
+    lut = np.concatenate([[0], ids]).astype(np.uint8)  # channel -> object id
+    channels = np.searchsorted(lut, first_mask)  # (H, W) channel index; lut is sorted as ids are
+    channels = np.pad(channels, ((0, -H % STRIDE), (0, -W % STRIDE)), mode="edge")  # (H', W')
+    one_hot = F.one_hot(torch.from_numpy(channels).to(device), len(lut)).permute(2, 0, 1)[None].float()
+    first_labels = downsample_labels(one_hot)  # (1, K, H'/4, W'/4), soft at object borders
+    for i, probs in enumerate(_propagate(first, frames, first_labels, cfg, encoder, device)):
+        if i == 0:
+            yield first_mask.astype(np.uint8)
+            continue
+        full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)  # (1, K, H', W')
+        yield lut[full[0, :, :H, :W].argmax(0).cpu().numpy()]
+
+
+def gaussian_heatmaps(points: np.ndarray, h: int, w: int, device: torch.device) -> torch.Tensor:
+    """Points (J, 2) as pixel (x, y) -> (1, J, h, w) Gaussians of std POINT_SIGMA cells at stride 4, peak 1."""
+    centres = (torch.as_tensor(points, dtype=torch.float32, device=device) - (STRIDE - 1) / 2) / STRIDE  # cells
+    ys = torch.arange(h, device=device, dtype=torch.float32).view(1, h, 1)
+    xs = torch.arange(w, device=device, dtype=torch.float32).view(1, 1, w)
+    d2 = (xs - centres[:, 0, None, None]) ** 2 + (ys - centres[:, 1, None, None]) ** 2  # (J, h, w)
+    return torch.exp(-d2 / (2 * POINT_SIGMA ** 2))[None]
+
+
+def locate_points(heatmaps: torch.Tensor) -> np.ndarray:
+    """(1, J, h, w) heat maps at stride 4 -> (J, 2) pixel (x, y): weighted mean of each map's top POINT_TOPK cells."""
+    _, J, h, w = heatmaps.shape
+    values, index = heatmaps[0].reshape(J, h * w).topk(POINT_TOPK, dim=1)  # (J, k) each
+    weights = values.clamp_min(0) + 1e-12
+    weights = weights / weights.sum(1, keepdim=True)
+    x = (weights * (index % w)).sum(1) * STRIDE + (STRIDE - 1) / 2  # cell centre -> pixel
+    y = (weights * (index // w)).sum(1) * STRIDE + (STRIDE - 1) / 2
+    return torch.stack([x, y], 1).cpu().numpy()
+
+
+def propagate_points(frames: Iterable[np.ndarray], first_points: np.ndarray, cfg: PropagationConfig,
+                     encoder: Encoder, device: torch.device) -> Iterator[np.ndarray]:
+    """Frames and the first frame's points (J, 2) pixel (x, y) -> (J, 2) per frame, the first frame's included."""
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError("the video has no frames (or none from the first labelled frame on)")
+    h, w = -(-first.shape[0] // STRIDE), -(-first.shape[1] // STRIDE)
+    first_labels = gaussian_heatmaps(first_points, h, w, device)  # (1, J, h, w)
+    for i, heatmaps in enumerate(_propagate(first, frames, first_labels, cfg, encoder, device)):
+        yield np.asarray(first_points, dtype=np.float64) if i == 0 else locate_points(heatmaps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input and output files
+
+
+def davis_palette() -> list[int]:
+    """The DAVIS (PASCAL VOC) colour map: the bits of an index spread over the high bits of R, G and B."""
+    palette = []
+    for i in range(256):
+        rgb = [0, 0, 0]
+        for bit in range(8):
+            for c in range(3):
+                rgb[c] |= ((i >> (3 * bit + c)) & 1) << (7 - bit)
+        palette += rgb
+    return palette
+
+
+def read_mask(path: Path) -> tuple[np.ndarray, Optional[list[int]]]:
+    """A mask PNG -> (object ids (H, W) uint8, its palette or None). Palette PNGs give their indices; a grey PNG its
+    levels as ids, except a binary 0/255 one, whose 255 becomes object 1."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode, palette, ids = img.mode, img.getpalette() if img.mode == "P" else None, np.array(img)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{path}: cannot read the mask ({type(e).__name__})") from None
+    if ids.ndim == 3:  # RGB(A): accepted only when grey
+        if not (ids[..., 0] == ids[..., 1]).all() or not (ids[..., 1] == ids[..., 2]).all():
+            raise ValueError(f"{path}: a colour mask; save it as a palette PNG or a grey-level PNG of object ids")
+        ids = ids[..., 0]
+    if ids.max() > 255:
+        raise ValueError(f"{path}: object ids above 255 do not fit a palette PNG")
+    ids = ids.astype(np.uint8)
+    if mode != "P" and set(np.unique(ids)) <= {0, 255}:
+        ids = (ids == 255).astype(np.uint8)  # binary mask: one object
+    return ids, palette
+
+
+def read_points(path: Path) -> tuple[str, int, np.ndarray, np.ndarray]:
+    """A keypoint JSON -> (sequence, first labelled frame, points (J, 2) of that frame, visible (J,) bool)."""
+    try:
+        gt = json.loads(Path(path).read_text())
+        start = int(gt["frames"][0])
+        xy = np.asarray(gt["xy"][0], dtype=np.float64).reshape(-1, 2)  # (J, 2)
+        visible = np.asarray(gt["visible"][0], dtype=bool).reshape(len(xy))
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"{path}: not a keypoint JSON with frames, xy and visible ({type(e).__name__})") from None
+    if start < 0 or not visible.any():
+        raise ValueError(f"{path}: no visible point in the first labelled frame")
+    return str(gt.get("sequence", Path(path).stem)), start, xy, visible
+
+
+RESULT_NAMES = ("points.json", "overlay.mp4")
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a folder that already holds results, unless overwrite: then remove those results."""
+    results = [p for p in out.glob("*") if p.name in RESULT_NAMES or (p.suffix == ".png" and p.stem.isdigit())]
+    if results and not overwrite:
+        raise ValueError(f"{out} already holds results ({len(results)} files); pass --overwrite to replace them")
+    for p in results:
+        p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def save_png(labels: np.ndarray, palette: list[int], path: Path) -> None:
+    """Write (H, W) uint8 ids as a palette PNG, atomically: a temporary name, then os.replace."""
+    img = Image.fromarray(labels)  # mode L; a palette turns it into P
+    img.putpalette(palette)
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def video_fps(video: Path) -> float:
+    """Frames per second of a video file (24 for a folder of frames or unknown)."""
+    if video.is_dir():
+        return 24.0
+    try:
+        return float(iio.immeta(video, plugin="pyav").get("fps") or 24.0)
+    except Exception:  # the frames reader reports unreadable videos itself
+        return 24.0
+
+
+class OverlayWriter:
+    """Writes frames to an H.264 mp4 (MPEG-4 without libx264), cropped to even sizes; renamed into place on close."""
+
+    def __init__(self, path: Path, fps: float):
+        self.path, self.tmp = path, path.with_name(f".{path.stem}.tmp{path.suffix}")
+        self.file = iio.imopen(self.tmp, "w", plugin="pyav")
+        self.file.init_video_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", fps=fps)
+
+    def write(self, frame: np.ndarray) -> None:
+        H, W = frame.shape[:2]
+        self.file.write_frame(np.ascontiguousarray(frame[:H - H % 2, :W - W % 2]))
+
+    def close(self) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+
+def blend_mask(frame: np.ndarray, labels: np.ndarray, palette: list[int]) -> np.ndarray:
+    colours = np.asarray(palette, dtype=np.float32).reshape(-1, 3)[labels]  # (H, W, 3)
+    alpha = 0.5 * (labels > 0)[..., None]
+    return (frame * (1 - alpha) + colours * alpha).astype(np.uint8)
+
+
+def draw_points(frame: np.ndarray, points: np.ndarray, palette: list[int], radius: int = 4) -> np.ndarray:
+    out = frame.copy()
+    ys, xs = np.mgrid[:frame.shape[0], :frame.shape[1]]
+    for j, (x, y) in enumerate(points):
+        if np.isfinite(x) and np.isfinite(y):
+            out[(xs - x) ** 2 + (ys - y) ** 2 <= radius ** 2] = palette[3 * (j + 1):3 * (j + 2)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig, checkpoint: Optional[Path],
+         device: str = "auto", overlay: bool = True, overwrite: bool = False) -> Path:
+    """Propagate a mask PNG or a keypoint JSON through a video; returns the output folder."""
+    points_mode = labels.suffix.lower() == ".json"
+    if points_mode:
+        sequence, start, xy, visible = read_points(labels)
+        palette = davis_palette()
+    else:
+        first_mask, palette = read_mask(labels)
+        object_ids(first_mask)
+        palette = palette or davis_palette()
+        start = 0
+    stem = video.stem if video.suffix else video.name
+    out = out or Path(f"{stem}_{'points' if points_mode else 'masks'}")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    encoder = load_encoder(checkpoint, cfg.features, dev)
+    total = max(0, count_frames(video) - start)  # also fails early on a missing or unreadable video
+    prepare_out_dir(out, overwrite)
+
+    frames, shown = itertools.tee(itertools.islice(read_frames(video), start, None))  # tee buffers one frame
+    if points_mode:
+        results = propagate_points(frames, xy[visible], cfg, encoder, dev)
+    else:
+        results = propagate_masks(frames, first_mask, cfg, encoder, dev)
+    writer, tracks = None, []
+    for i, (result, frame) in enumerate(tqdm(zip(results, shown), total=total, unit="frame", desc=stem)):
+        if points_mode:
+            full = np.full((len(xy), 2), np.nan)
+            full[visible] = result
+            tracks.append([None if np.isnan(p[0]) else [round(float(p[0]), 2), round(float(p[1]), 2)] for p in full])
+            shown_frame = draw_points(frame, full, palette)
+        else:
+            save_png(result, palette, out / f"{i:05d}.png")
+            shown_frame = blend_mask(frame, result, palette)
+        if overlay:
+            writer = writer or OverlayWriter(out / "overlay.mp4", video_fps(video))
+            writer.write(shown_frame)
+    if writer is not None:
+        writer.close()
+    if points_mode:
+        H, W = frame.shape[:2]
+        doc = {"sequence": sequence, "frame_size": [W, H], "frames": list(range(start, start + len(tracks))),
+               "xy": tracks}
+        tmp = out / ".points.json.tmp"
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, out / "points.json")
+    return out
+
+
+def add_propagation_args(parser: argparse.ArgumentParser) -> None:
+    """Propagation options. The protocol sets a preset; --radius, --num-recent, --temperature, --no-first override it."""
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="default",
+                        help="default: first + 3 recent frames, soft labels; corrflow: the paper's (previous frame, "
+                             "hard labels, radius 6)")
+    parser.add_argument("--features", choices=["model", "lab"], default="model",
+                        help="model: the CorrFlow encoder; lab: raw Lab colour, no learning")
+    parser.add_argument("--radius", type=int, help="attention window radius at stride 4 (preset: 6)")
+    parser.add_argument("--num-recent", type=int, help="number of recent frames used as references (preset: 3)")
+    parser.add_argument("--temperature", type=float, help="softmax temperature (model: 1.0, lab: 0.001)")
+    parser.add_argument("--no-first", action="store_true", help="do not keep the first frame as a reference")
+
+
+def config_from_args(args: argparse.Namespace) -> PropagationConfig:
+    """The protocol's preset, then every explicitly given flag on top of it."""
+    cfg = PropagationConfig(features=getattr(args, "features", None) or "model", **PROTOCOLS[args.protocol])
+    for field, value in (("radius", args.radius), ("num_recent", args.num_recent), ("temperature", args.temperature)):
+        if value is not None:
+            cfg = replace(cfg, **{field: value})
+    return replace(cfg, use_first=False) if args.no_first else cfg
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("video", type=Path, help="a video file or a folder of JPEG/PNG frames")
+    parser.add_argument("labels", type=Path, help="first-frame mask PNG (palette, grey ids or binary) or points JSON")
+    parser.add_argument("--out", type=Path, help="output folder (default: ./<video stem>_masks or _points)")
+    parser.add_argument("--checkpoint", type=Path, help=f"encoder weights (default: {DEFAULT_CHECKPOINT.name} in "
+                                                        "checkpoints/)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--no-overlay", action="store_true", help="skip overlay.mp4")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    add_propagation_args(parser)
+    args = parser.parse_args()
+    try:
+        main(args.video, args.labels, args.out, config_from_args(args), args.checkpoint, args.device,
+             overlay=not args.no_overlay, overwrite=args.overwrite)
+    except ValueError as e:
+        sys.exit(f"error: {e}")

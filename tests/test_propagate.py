@@ -1,0 +1,243 @@
+"""propagate.py end to end on short real clips (CPU, downscaled frames), its bad-input errors and its streaming."""
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model
+import propagate
+from propagate import PropagationConfig, load_encoder, main, propagate_masks
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+SIZE = (161, 91)  # (W, H): odd, and not multiples of 4, so padding and even overlay sizes are exercised
+
+
+def copy_clip(shared_data: Path, seq: str, n: int, dst: Path, size=SIZE) -> Path:
+    """The first n frames of a DAVIS sequence, resized, as a folder of JPEGs."""
+    dst.mkdir(parents=True)
+    for i in range(n):
+        img = Image.open(shared_data / "davis" / "JPEGImages" / "480p" / seq / f"{i:05d}.jpg")
+        (img.resize(size, Image.BILINEAR) if size else img).save(dst / f"{i:05d}.jpg", quality=95)
+    return dst
+
+
+def annotation(shared_data: Path, seq: str, i: int, size=SIZE) -> Image.Image:
+    img = Image.open(shared_data / "davis" / "Annotations" / "480p" / seq / f"{i:05d}.png")
+    return img.resize(size, Image.NEAREST) if size else img
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised CorrFlow encoder saved in the format model.load_checkpoint reads."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "random.pt"
+    torch.save({"format": model.CHECKPOINT_FORMAT, "model": model.CorrFlow().state_dict(),
+                "model_config": dataclasses.asdict(model.ModelConfig()), "centroids": torch.zeros(16, 2)}, path)
+    return path
+
+
+@pytest.fixture
+def clip(shared_data, tmp_path):
+    """4 frames of blackswan at 161x91 and their first annotation (palette PNG)."""
+    frames = copy_clip(shared_data, "blackswan", 4, tmp_path / "blackswan")
+    mask = tmp_path / "first.png"
+    annotation(shared_data, "blackswan", 0).save(mask)
+    return frames, mask
+
+
+def read_png(img) -> np.ndarray:
+    """Palette indices (or grey levels) of a PNG path or an open image."""
+    return np.array(img if isinstance(img, Image.Image) else Image.open(img))
+
+
+def test_end_to_end_random_model(clip, checkpoint, tmp_path):
+    frames, mask = clip
+    out = main(frames, mask, tmp_path / "out", PropagationConfig(), checkpoint, "cpu")
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == [f"{i:05d}.png" for i in range(4)]
+    for name in names:
+        img = Image.open(out / name)
+        assert img.mode == "P" and img.size == SIZE
+        assert img.getpalette()[:6] == Image.open(mask).getpalette()[:6]
+    np.testing.assert_array_equal(read_png(out / "00000.png"), read_png(mask))
+    video = iio.imread(out / "overlay.mp4", plugin="pyav")
+    assert video.shape == (4, 90, 160, 3)  # cropped to even sizes
+
+
+def test_two_objects_with_sparse_grey_ids(shared_data, tmp_path):
+    frames = copy_clip(shared_data, "blackswan", 4, tmp_path / "blackswan")
+    swan = read_png(annotation(shared_data, "blackswan", 0)) > 0
+    ids = np.zeros(swan.shape, np.uint8)
+    cx = int(np.nonzero(swan)[1].mean())
+    ids[:, :cx][swan[:, :cx]] = 3
+    ids[:, cx:][swan[:, cx:]] = 7
+    mask = tmp_path / "two.png"
+    Image.fromarray(ids).save(mask)  # grey-level ids, no palette
+    out = main(frames, mask, tmp_path / "out", PropagationConfig(features="lab"), None, "cpu", overlay=False)
+    last = Image.open(out / "00003.png")
+    assert set(np.unique(np.array(last))) == {0, 3, 7}
+    assert last.getpalette()[:9] == propagate.davis_palette()[:9]
+    assert not (out / "overlay.mp4").exists()
+
+
+def test_binary_mask_is_object_one(clip, tmp_path):
+    frames, mask = clip
+    binary = tmp_path / "binary.png"
+    Image.fromarray((read_png(mask) > 0).astype(np.uint8) * 255).save(binary)
+    ids, palette = propagate.read_mask(binary)
+    assert palette is None and set(np.unique(ids)) == {0, 1}
+
+
+def test_corrflow_protocol(clip, checkpoint, tmp_path, monkeypatch):
+    parser = propagate.argparse.ArgumentParser()
+    propagate.add_propagation_args(parser)
+    cfg = propagate.config_from_args(parser.parse_args(["--protocol", "corrflow"]))
+    assert (cfg.use_first, cfg.num_recent, cfg.soft_labels, cfg.radius, cfg.temperature) == (False, 1, False, 6, None)
+    assert propagate.config_from_args(parser.parse_args(["--protocol", "corrflow", "--radius", "3"])).radius == 3
+    seen = []
+
+    def spy(query, refs, values, radius, temperature):
+        seen.append((refs.shape[1], values, temperature))
+        return propagate.local_attention_orig(query, refs, values, radius, temperature)
+
+    monkeypatch.setattr(propagate, "local_attention_orig", propagate.local_attention, raising=False)
+    monkeypatch.setattr(propagate, "local_attention", spy)
+    frames, mask = clip
+    main(frames, mask, tmp_path / "out", cfg, checkpoint, "cpu", overlay=False)
+    assert [r for r, _, _ in seen] == [1, 1, 1] and all(t == 1.0 for _, _, t in seen)
+    for _, values, _ in seen[1:]:  # fed-back labels are one-hot: hard argmax
+        assert set(values.unique().tolist()) <= {0.0, 1.0} and torch.all(values.sum(2) == 1)
+
+
+def test_points_on_dog(shared_data, tmp_path):
+    gt = json.loads((shared_data / "keypoints" / "dog.json").read_text())
+    start = gt["frames"][0]
+    frames = copy_clip(shared_data, "dog", start + 3, tmp_path / "dog", size=None)
+    out = main(frames, shared_data / "keypoints" / "dog.json", tmp_path / "out", PropagationConfig(features="lab"),
+               None, "cpu")
+    doc = json.loads((out / "points.json").read_text())
+    assert doc["sequence"] == "dog" and doc["frame_size"] == [854, 480]
+    assert doc["frames"] == [start, start + 1, start + 2]
+    visible = gt["visible"][0]
+    for xy in doc["xy"]:
+        assert len(xy) == len(visible)
+        assert [p is None for p in xy] == [not v for v in visible]
+    first = np.array([p for p in doc["xy"][0] if p is not None])
+    np.testing.assert_allclose(first, np.array(gt["xy"][0])[visible], atol=0.01)
+    moved = np.array([p for p in doc["xy"][-1] if p is not None])
+    assert np.median(np.linalg.norm(moved - first, axis=1)) < 40  # dog frames 3 -> 5: points stay near the dog
+    assert iio.imread(out / "overlay.mp4", plugin="pyav").shape[0] == 3
+
+
+def test_lab_baseline_keeps_the_object(shared_data, tmp_path):
+    size = (427, 240)
+    frames = copy_clip(shared_data, "blackswan", 4, tmp_path / "blackswan", size=size)
+    first = read_png(annotation(shared_data, "blackswan", 0, size))
+    encoder = load_encoder(None, "lab", CPU)
+    cfg = PropagationConfig(features="lab", num_recent=1)
+    rgb = [np.array(Image.open(p)) for p in sorted(frames.glob("*.jpg"))]
+    pred = list(propagate_masks(rgb, first, cfg, encoder, CPU))[3] > 0
+    gt = read_png(annotation(shared_data, "blackswan", 3, size)) > 0
+    assert (pred & gt).sum() / (pred | gt).sum() > 0.5
+
+
+def test_streaming_keeps_at_most_n_plus_one_references(clip, monkeypatch):
+    frames_dir, mask = clip
+    rgb = [np.array(Image.open(p)) for p in sorted(frames_dir.glob("*.jpg"))] * 2  # 8 frames
+    consumed, refs_seen = [], []
+
+    def source():
+        for i, frame in enumerate(rgb):
+            consumed.append(i)
+            yield frame
+
+    def spy(query, refs, values, radius, temperature):
+        refs_seen.append(refs.shape[1])
+        return orig(query, refs, values, radius, temperature)
+
+    orig = propagate.local_attention
+    monkeypatch.setattr(propagate, "local_attention", spy)
+    cfg = PropagationConfig(features="lab", num_recent=2)
+    gen = propagate_masks(source(), read_png(mask), cfg, load_encoder(None, "lab", CPU), CPU)
+    for n, labels in enumerate(gen, 1):
+        assert labels.shape == (SIZE[1], SIZE[0]) and labels.dtype == np.uint8
+        assert len(consumed) <= n + 1  # reads one frame ahead, no more
+    assert n == 8 and refs_seen == [1, 2, 3, 3, 3, 3, 3]
+
+
+def test_missing_default_checkpoint_says_how_to_go_on(monkeypatch, tmp_path):
+    monkeypatch.setattr(propagate, "DEFAULT_CHECKPOINT", tmp_path / "checkpoints" / "corrflow.pt")
+    with pytest.raises(ValueError, match="--checkpoint PATH or use --features lab"):
+        load_encoder(None, "model", CPU)
+
+
+def bad_inputs(clip, checkpoint, tmp_path):
+    """(name, main's arguments) of inputs that must fail with one clear line."""
+    frames, mask = clip
+    small = tmp_path / "small.png"
+    Image.fromarray(read_png(mask)[:40, :40]).save(small)
+    empty = tmp_path / "empty.png"
+    Image.fromarray(np.zeros((SIZE[1], SIZE[0]), np.uint8)).save(empty)
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "00000.jpg").write_bytes((frames / "00000.jpg").read_bytes())
+    corrupt_video = tmp_path / "corrupt.mp4"
+    corrupt_video.write_bytes(b"\x00not a video" * 100)
+    corrupt_mask = tmp_path / "corrupt.png"
+    corrupt_mask.write_bytes(b"not a png")
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "00000.png").write_bytes(b"")
+    wrong_ckpt = tmp_path / "wrong.pt"
+    torch.save({"weights": 1}, wrong_ckpt)
+    bad_json = tmp_path / "points.json"
+    bad_json.write_text('{"frames": [0], "xy": []}')
+    cpu = PropagationConfig(features="lab")
+    return {
+        "missing video": (tmp_path / "nope.mp4", mask, None, cpu, None),
+        "corrupt video": (corrupt_video, mask, None, cpu, None),
+        "mask size": (frames, small, None, cpu, None),
+        "no object": (frames, empty, None, cpu, None),
+        "one frame": (one, mask, None, cpu, None),
+        "results exist": (frames, mask, done, cpu, None),
+        "wrong checkpoint": (frames, mask, None, PropagationConfig(), wrong_ckpt),
+        "unreadable mask": (frames, corrupt_mask, None, cpu, None),
+        "missing mask": (frames, tmp_path / "nope.png", None, cpu, None),
+        "bad points json": (frames, bad_json, None, cpu, None),
+    }
+
+
+def test_bad_inputs_raise_one_line(clip, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default output folders land here
+    for name, (video, labels, out, cfg, ckpt) in bad_inputs(clip, checkpoint, tmp_path).items():
+        with pytest.raises(ValueError) as err:
+            main(video, labels, out, cfg, ckpt, "cpu", overlay=False)
+        assert str(err.value) and "\n" not in str(err.value), name
+
+
+def test_cli_error_is_one_line_on_stderr(clip, tmp_path):
+    frames, _ = clip
+    empty = tmp_path / "empty.png"
+    Image.fromarray(np.zeros((SIZE[1], SIZE[0]), np.uint8)).save(empty)
+    run = subprocess.run([sys.executable, str(ROOT / "propagate.py"), str(frames), str(empty), "--features", "lab"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines() == ["error: the first-frame mask has no object (every pixel is background 0)"]
+
+
+def test_overwrite_replaces_results(clip, tmp_path):
+    frames, mask = clip
+    cfg = PropagationConfig(features="lab")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "00099.png").write_bytes(b"")  # a stale result from a longer video
+    main(frames, mask, out, cfg, None, "cpu", overlay=False, overwrite=True)
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
