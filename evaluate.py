@@ -205,10 +205,12 @@ def propagate_davis(root: Path, out_dir: Path, sequences: list[str], args: argpa
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = propagate.config_from_args(args)
-    encoder = propagate.load_encoder(args.checkpoint, args.features, device)
+    encoder = propagate.load_encoder(args.checkpoint, cfg.features, device)
     for seq in sequences:
         frame_paths = sorted((Path(root) / "JPEGImages" / "480p" / seq).glob("*.jpg"))
-        frames = [iio.imread(p) for p in frame_paths]  # (H, W, 3) uint8 RGB each
+        if not frame_paths:
+            raise ValueError(f"no frames in {Path(root) / 'JPEGImages' / '480p' / seq}")
+        frames = (iio.imread(p) for p in frame_paths)  # (H, W, 3) uint8 RGB each, read as propagation streams
         first_path = Path(root) / "Annotations" / "480p" / seq / f"{frame_paths[0].stem}.png"
         with Image.open(first_path) as first:
             palette = first.getpalette()  # predictions get the annotations' colours
@@ -217,7 +219,7 @@ def propagate_davis(root: Path, out_dir: Path, sequences: list[str], args: argpa
         seq_dir.mkdir(parents=True, exist_ok=True)
         n = 0
         for path, labels in zip(frame_paths, propagate.propagate_masks(frames, first_mask, cfg, encoder, device)):
-            im = Image.fromarray(labels.astype(np.uint8), mode="P")
+            im = Image.fromarray(labels.astype(np.uint8))  # grey ids; with a palette, a palette PNG
             if palette:
                 im.putpalette(palette)
             im.save(seq_dir / f"{path.stem}.png")
@@ -319,10 +321,9 @@ def build_parser(propagation: bool = True) -> argparse.ArgumentParser:
     davis.add_argument("--out", type=Path, help="where propagation writes DIR/<seq>/%%05d.png")
     davis.add_argument("--csv", type=Path, help="per-object scores (default: <predictions>/scores.csv)")
     davis.add_argument("--sequences", nargs="+", help="default: every sequence of ImageSets/2017/val.txt")
-    davis.add_argument("--checkpoint", type=Path, help="encoder weights for propagation")
-    davis.add_argument("--features", help="feature kind passed to propagate.load_encoder")
+    davis.add_argument("--checkpoint", type=Path, help="encoder weights for propagation (default: the shipped ones)")
     davis.add_argument("--device", help="default: cuda when available, else cpu")
-    if propagation:
+    if propagation:  # --protocol, --features, --radius, ...
         import propagate
         propagate.add_propagation_args(davis)
     points = sub.add_parser("points", help="PCK@0.1 and PCK@0.2 of keypoint JSONs")

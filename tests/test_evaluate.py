@@ -90,7 +90,7 @@ def test_dilate_disk_matches_shifts(radius):
 
 
 def test_disk_is_skimage_shape():
-    assert ev.disk_half_widths(8) == [8, 7, 7, 7, 6, 5, 5, 3, 0]
+    assert ev.disk_half_widths(8) == [8, 7, 7, 7, 6, 6, 5, 3, 0]
     assert ev.bound_pixels((480, 854)) == 8
 
 
@@ -114,11 +114,12 @@ def test_f_shift_within_tolerance_is_one():
 
 def test_f_shift_beyond_tolerance_by_hand():
     """5x5 square shifted 2 px right, tolerance 1 px. Both boundaries are 6x6 rings of 20 px (rows 4..9).
-    Predicted ring: columns 6..11. Its top and bottom rows match at columns 6..10 (10 px: column 10 is 1 px from
-    the true corner at column 9); its side columns are 2 px from any true boundary. P = 10/20, and R = 10/20 by
-    symmetry, so F = 0.5."""
+    Predicted ring: columns 6..11, true ring: columns 4..9. Predicted top and bottom rows match at columns 6..10
+    (10 px; column 10 is 1 px from the true corner at column 9). Of the left column, rows 5 and 8 lie 1 px below /
+    above the true top / bottom row (2 px); rows 6, 7 are 2 px from column 4. The right column (11) is 2 px from
+    everything. P = 12/20, and R = 12/20 by symmetry, so F = 0.6."""
     gt = rect((20, 20), 5, 9, 5, 9)
-    assert ev.db_boundary_f(np.roll(gt, 2, axis=1), gt, bound_th=1) == pytest.approx(0.5)
+    assert ev.db_boundary_f(np.roll(gt, 2, axis=1), gt, bound_th=1) == pytest.approx(0.6)
 
 
 def test_f_default_tolerance_on_davis_size():
@@ -155,7 +156,7 @@ def test_first_frame_copy_matches_official_figures(shared_data, tmp_path):
 
 
 def write_label_png(path: Path, labels: np.ndarray):
-    im = Image.fromarray(labels.astype(np.uint8), mode="P")
+    im = Image.fromarray(labels.astype(np.uint8))
     im.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759)
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
@@ -221,17 +222,19 @@ def test_propagate_then_score_uses_propagate_interface(tiny_davis, tmp_path, mon
     calls = {}
 
     def propagate_masks(frames, first_mask, cfg, encoder, device):
-        calls.update(n_frames=len(frames), frame_shape=frames[0].shape, cfg=cfg, encoder=encoder)
+        frames = list(frames)
+        calls.update(n_frames=len(frames), frame_shape=frames[0].shape, encoder=encoder)
         for _ in frames:
             yield first_mask
 
-    fake = types.SimpleNamespace(config_from_args=lambda args: "cfg", load_encoder=lambda c, f, d: "encoder",
-                                 propagate_masks=propagate_masks)
+    cfg = types.SimpleNamespace(features="lab")
+    fake = types.SimpleNamespace(config_from_args=lambda args: cfg, propagate_masks=propagate_masks,
+                                 load_encoder=lambda checkpoint, features, device: f"{features} encoder")
     monkeypatch.setitem(sys.modules, "propagate", fake)
-    args = types.SimpleNamespace(device="cpu", checkpoint=None, features=None)
+    args = types.SimpleNamespace(device="cpu", checkpoint=None)
     out = tmp_path / "out"
     summary = ev.main_davis(root, None, out, None, None, args)
-    assert calls == {"n_frames": 4, "frame_shape": (12, 16, 3), "cfg": "cfg", "encoder": "encoder"}
+    assert calls == {"n_frames": 4, "frame_shape": (12, 16, 3), "encoder": "lab encoder"}
     assert sorted(p.name for p in (out / "toy").glob("*.png")) == [f"{t:05d}.png" for t in range(4)]
     with Image.open(out / "toy" / "00003.png") as im:
         assert im.mode == "P"
