@@ -1,0 +1,429 @@
+"""Training data for CorrFlow: videos on disk -> random frame triplets, colour jitter, Lab colour and its quantiser.
+
+Videos are files (mp4, avi, mkv, webm, mov) or folders of JPEG/PNG frames, anywhere under a root folder (Kinetics
+layout: one folder per class). `ClipDataset` gives one sample per video per epoch: `num_frames` frames `frame_gap`
+apart from a random start, resized to size x size (aspect not kept), as `clean` targets and colour-jittered `frames`
+inputs. Frame counts are cached in `<root>/.corrflow_index.json` (or the user cache when the root is read-only), so a
+large folder is decoded once, not at every start.
+
+Targets are the (a, b) channels of Lab snapped to the nearest of 16 k-means centroids; `fit_centroids` fits them on
+pixels sampled from the training videos and `quantise` turns RGB frames into class index maps.
+"""
+import hashlib
+import json
+import os
+import re
+import stat
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import av
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+INDEX_NAME = ".corrflow_index.json"
+INDEX_VERSION = 1
+JITTER_STRENGTH = 0.1  # brightness, contrast, saturation and hue jitter (CorrFlow: 0.1 each)
+
+
+class VideoError(ValueError):
+    """A video that is missing, cannot be opened or cannot be decoded. The message names the file."""
+
+
+# -----------------------------------------------------------------------------
+# finding and reading videos
+
+def _natural_key(name: str):
+    # "2.jpg" before "10.jpg": frame folders are not always zero-padded
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def _image_files(folder: Path) -> list:
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")),
+                  key=lambda p: _natural_key(p.name))
+
+
+def find_videos(root: Union[str, Path]) -> list:
+    """Every video under `root`, sorted by relative path: video files, and folders that directly hold >= 1 image
+    (one such folder is one video; it is not searched further). Hidden files and folders are ignored."""
+    root = Path(root)
+    videos, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink loop, or the same folder reached twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files = [f for f in files if not f.startswith(".")]
+        if folder != str(root) and any(Path(f).suffix.lower() in IMAGE_EXTS for f in files):
+            videos.append(Path(folder))
+            dirs[:] = []
+            continue
+        videos += [Path(folder) / f for f in files if Path(f).suffix.lower() in VIDEO_EXTS]
+    return sorted(videos, key=lambda p: _natural_key(p.relative_to(root).as_posix()))
+
+
+def _to_rgb(frame: np.ndarray) -> np.ndarray:
+    """Any decoded image -> (H, W, 3) uint8: grey is repeated, alpha dropped, 16 bits cut to 8."""
+    if frame.dtype == np.uint16:
+        frame = (frame >> 8).astype(np.uint8)
+    elif frame.dtype != np.uint8:
+        raise ValueError(f"unsupported frame dtype {frame.dtype}")
+    if frame.ndim == 2:
+        frame = frame[:, :, None]
+    if frame.shape[2] in (1, 2):  # grey, or grey + alpha
+        frame = np.repeat(frame[:, :, :1], 3, axis=2)
+    return np.ascontiguousarray(frame[:, :, :3])
+
+
+def _one_line(error: Exception, path: Path) -> str:
+    # FFmpeg's messages end with the file name, which ours already give
+    return f"{type(error).__name__}: {error}".replace(f": '{path}'", "").replace("\n", " ")
+
+
+def read_frames(path: Union[str, Path], indices: Optional[Iterable[int]] = None) -> Iterator[np.ndarray]:
+    """Stream the frames of a video file or frame folder as (H, W, 3) uint8 RGB, one at a time.
+
+    `indices`, if given, selects frames (0-based): only those are converted and yielded, in increasing order, and
+    decoding stops after the last of them. Raises VideoError for a missing path or an unreadable video.
+
+    Video files are decoded with PyAV (the decoder behind imageio's "pyav" plugin) rather than `imageio.v3.imiter`,
+    because imiter converts every decoded frame to RGB; skipping that for frames we do not keep makes reading a
+    triplet near the end of a clip about 4x faster.
+    """
+    path = Path(path)
+    wanted = None if indices is None else sorted(set(int(i) for i in indices))
+    if wanted is not None and not wanted:
+        return
+    if not path.exists():
+        raise VideoError(f"video not found: {path}")
+    if path.is_dir():
+        files = _image_files(path)
+        for i in (range(len(files)) if wanted is None else [i for i in wanted if i < len(files)]):
+            try:
+                frame = iio.imread(files[i])
+            except Exception as e:
+                raise VideoError(f"cannot read frame {files[i]}: {_one_line(e, files[i])}") from e
+            yield _to_rgb(frame)
+        return
+    last, wanted = (None, None) if wanted is None else (wanted[-1], set(wanted))
+    try:
+        container = av.open(str(path))
+    except Exception as e:
+        raise VideoError(f"cannot open video {path}: {_one_line(e, path)}") from e
+    with container:  # closed also when the caller stops iterating early (GeneratorExit)
+        if not container.streams.video:
+            raise VideoError(f"no video stream in {path}")
+        decoded = container.decode(container.streams.video[0])
+        i = 0
+        while last is None or i <= last:
+            try:
+                frame = next(decoded, None)
+                keep = frame is not None and (wanted is None or i in wanted)
+                rgb = _to_rgb(frame.to_ndarray(format="rgb24")) if keep else None  # the costly part: only if kept
+            except Exception as e:
+                raise VideoError(f"cannot decode frame {i} of {path}: {_one_line(e, path)}") from e
+            if frame is None:
+                return
+            if keep:
+                yield rgb
+            i += 1
+
+
+def count_frames(path: Union[str, Path]) -> int:
+    """Number of frames: the container's count when it stores one (mp4, mkv...), else by decoding (no RGB
+    conversion). A frame folder counts its images. Raises VideoError like `read_frames`."""
+    path = Path(path)
+    if not path.exists():
+        raise VideoError(f"video not found: {path}")
+    if path.is_dir():
+        return len(_image_files(path))
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"no video stream in {path}")
+            stream = container.streams.video[0]
+            if stream.frames > 0:
+                return stream.frames
+            return sum(1 for _ in container.decode(stream))
+    except VideoError:
+        raise
+    except Exception as e:
+        raise VideoError(f"cannot read video {path}: {_one_line(e, path)}") from e
+
+
+# -----------------------------------------------------------------------------
+# colour: sRGB -> Lab, HSV, colour jitter
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """sRGB in [0, 1], (..., 3, H, W) -> CIE Lab (D65 white), same shape: L in [0, 100], a and b about [-128, 127].
+    Computed in at least float32 and returned in the input's dtype, on its device."""
+    x = rgb.float() if rgb.dtype in (torch.float16, torch.bfloat16) else rgb
+    x = x.clamp(0, 1)
+    linear = torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)  # undo the sRGB gamma
+    rgb_to_xyz = torch.tensor([[0.4124564, 0.3575761, 0.1804375],
+                               [0.2126729, 0.7151522, 0.0721750],
+                               [0.0193339, 0.1191920, 0.9503041]], dtype=x.dtype, device=x.device)
+    white = torch.tensor([0.95047, 1.0, 1.08883], dtype=x.dtype, device=x.device)  # D65, Y = 1
+    xyz = torch.einsum("ij,...jhw->...ihw", rgb_to_xyz, linear) / white[:, None, None]  # (..., 3, H, W)
+    eps, kappa = 216 / 24389, 24389 / 27  # CIE constants: cube root above eps, a line below it
+    f = torch.where(xyz > eps, xyz.clamp_min(eps) ** (1 / 3), (kappa * xyz + 16) / 116)
+    fx, fy, fz = f.unbind(-3)
+    lab = torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
+    return lab.to(rgb.dtype)
+
+
+def _grey(rgb: torch.Tensor) -> torch.Tensor:
+    # ITU-R 601 luma, the weights torchvision uses: (..., 3, H, W) -> (..., 1, H, W)
+    r, g, b = rgb.unbind(-3)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+
+
+def _rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) in [0, 1] -> HSV with hue in [0, 1) turns."""
+    r, g, b = rgb.unbind(-3)
+    v, _ = rgb.max(-3)
+    delta = v - rgb.min(-3)[0]
+    s = torch.where(v > 0, delta / v.clamp_min(1e-8), torch.zeros_like(v))
+    d = delta.clamp_min(1e-8)
+    h = torch.where(v == r, (g - b) / d, torch.where(v == g, 2 + (b - r) / d, 4 + (r - g) / d))
+    h = torch.where(delta > 0, (h / 6) % 1.0, torch.zeros_like(h))
+    return torch.stack([h, s, v], dim=-3)
+
+
+def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    h, s, v = hsv.unbind(-3)
+    sector = torch.floor(h * 6)
+    f = h * 6 - sector
+    sector = sector.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    # each sector of the hue circle takes (r, g, b) from a different permutation of (v, q, p, t)
+    choices = [torch.stack(c) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))]
+    return torch.stack([c.gather(0, sector[None]).squeeze(0) for c in choices], dim=-3)
+
+
+def colour_jitter(frames: torch.Tensor, strength: float = JITTER_STRENGTH,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue jitter, factors drawn independently for every frame.
+
+    frames: (T, 3, H, W) in [0, 1] (any leading dims; each (3, H, W) image is one frame). torchvision's
+    ColorJitter(s, s, s, s) semantics in a fixed order: brightness multiplies by a factor in [1-s, 1+s]; contrast
+    blends with the frame's mean grey level; saturation blends with the frame's greyscale; hue rotates by up to
+    +-s turns in HSV. Returns a new tensor in [0, 1]."""
+    shape = frames.shape
+    x = frames.reshape(-1, *shape[-3:])  # (N, 3, H, W)
+    n = x.shape[0]
+    # drawn on the CPU so that a CPU generator also works for frames on a GPU
+    u = (torch.rand(4, n, generator=generator) * 2 - 1).to(x) * strength  # (4, N) in [-s, s]
+    brightness, contrast, saturation = (1 + u[:3]).view(3, n, 1, 1, 1)
+    x = (x * brightness).clamp(0, 1)
+    mean = _grey(x).mean(dim=(-3, -2, -1), keepdim=True)  # (N, 1, 1, 1)
+    x = (contrast * x + (1 - contrast) * mean).clamp(0, 1)
+    x = (saturation * x + (1 - saturation) * _grey(x)).clamp(0, 1)
+    hsv = _rgb_to_hsv(x)
+    hue = (hsv[:, 0] + u[3].view(n, 1, 1)) % 1.0
+    x = _hsv_to_rgb(torch.stack([hue, hsv[:, 1], hsv[:, 2]], dim=1)).clamp(0, 1)
+    return x.reshape(shape)
+
+
+# -----------------------------------------------------------------------------
+# the frame-count index, cached beside the videos
+
+def _index_files(root: Path) -> list:
+    """Where the index may live: in the data root, else in the user cache, named by the root's absolute path."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "corrflow"
+    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    return [root / INDEX_NAME, cache / f"index-{digest}.json"]
+
+
+def _writable(folder: Path) -> bool:
+    # a folder without write bits counts as read-only even for root, who could write into it anyway
+    try:
+        return os.access(folder, os.W_OK) and bool(stat.S_IMODE(folder.stat().st_mode) & 0o222)
+    except OSError:
+        return False
+
+
+def _load_index(root: Path) -> dict:
+    for file in _index_files(root):
+        try:
+            data = json.loads(file.read_text())
+            if data.get("version") == INDEX_VERSION:
+                return data["videos"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue  # missing, unreadable or from another version: try the next place, else start afresh
+    return {}
+
+
+def _save_index(root: Path, videos: dict) -> Optional[Path]:
+    """Write atomically (temp file + rename), so a crash or a second process never leaves half a file."""
+    text = json.dumps({"version": INDEX_VERSION, "videos": videos}, indent=0, sort_keys=True)
+    for file in _index_files(root):
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            if not _writable(file.parent):
+                continue
+            with tempfile.NamedTemporaryFile("w", dir=file.parent, prefix=file.name, suffix=".tmp",
+                                             delete=False) as tmp:
+                tmp.write(text)
+            os.replace(tmp.name, file)
+            return file
+        except OSError:
+            continue
+    warnings.warn(f"could not write the video index for {root}: it will be rebuilt at the next start")
+    return None
+
+
+# -----------------------------------------------------------------------------
+# the dataset
+
+class ClipDataset(torch.utils.data.Dataset):
+    """One random clip of `num_frames` frames `frame_gap` apart per usable video per epoch.
+
+    A sample is {"frames": (T, 3, size, size) colour-jittered input, "clean": (T, 3, size, size) the same frames
+    without jitter, from which targets are made}, float in [0, 1]. Randomness comes from torch's global RNG, so
+    torch.manual_seed makes it reproducible and DataLoader workers get their own streams.
+    """
+
+    def __init__(self, root: Union[str, Path], num_frames: int = 3, frame_gap: int = 4, size: int = 256,
+                 jitter_p: float = 0.1, cache: bool = True):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"video folder not found: {self.root}")
+        self.num_frames, self.frame_gap, self.size, self.jitter_p = num_frames, frame_gap, size, jitter_p
+        self.span = (num_frames - 1) * frame_gap + 1  # frames a clip covers: 9 for CorrFlow's (0, 4, 8)
+        paths = find_videos(self.root)
+        cached = _load_index(self.root) if cache else {}
+        index = {}  # relative path -> {"size", "mtime_ns", and "frames" or "error"}
+        todo = []
+        for path in paths:
+            rel = path.relative_to(self.root).as_posix()
+            try:
+                st = path.stat()
+                key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            except OSError as e:  # e.g. a broken symlink
+                index[rel] = {"size": -1, "mtime_ns": -1, "error": f"cannot stat {path}: {_one_line(e, path)}"}
+                continue
+            entry = cached.get(rel)
+            if entry and all(entry.get(k) == v for k, v in key.items()) and ("frames" in entry or "error" in entry):
+                index[rel] = entry
+            else:
+                index[rel] = key
+                todo.append((rel, path))
+        # only videos that are new or changed since the index was written are opened
+        for rel, path in tqdm(todo, desc=f"indexing {self.root}", disable=len(todo) < 200):
+            try:
+                index[rel]["frames"] = count_frames(path)
+            except VideoError as e:
+                index[rel]["error"] = str(e)
+        self.index_file = _save_index(self.root, index) if cache and index != cached else None
+
+        self.videos, self.skipped = [], []  # [(path, n_frames)], [(path, reason)]
+        for path in paths:
+            entry = index[path.relative_to(self.root).as_posix()]
+            reason = entry.get("error")
+            if reason is None and entry["frames"] < self.span:
+                reason = f"{entry['frames']} frames, fewer than the {self.span} a clip spans"
+            if reason is None:
+                self.videos.append((path, entry["frames"]))
+            else:
+                self.skipped.append((path, reason))
+                # errors already name the file; "too short" does not
+                warnings.warn(f"skipping: {reason}" if str(path) in reason else f"skipping video {path}: {reason}")
+        if not self.videos:
+            raise ValueError(f"no usable video in {self.root}: {len(paths)} found, {len(self.skipped)} skipped "
+                             f"(a clip needs {self.span} frames; extensions {', '.join(VIDEO_EXTS)} or image folders)")
+        self._failed = set()  # videos that failed while sampling, warned about once per process
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def load_clip(self, path: Path, start: int) -> torch.Tensor:
+        """Frames start, start + gap, ... resized to size x size -> (T, 3, size, size) float in [0, 1]."""
+        indices = range(start, start + self.span, self.frame_gap)
+        frames = []
+        for frame in read_frames(path, indices):  # decodes up to the last needed frame only
+            x = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
+            # aspect not kept (CorrFlow); antialias so that downscaling big frames does not alias
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+            frames.append(x[0])
+        if len(frames) < self.num_frames:
+            raise VideoError(f"{path} ended before frame {indices[-1]}: it has fewer frames than its container says")
+        return torch.stack(frames).clamp(0, 1)  # (T, 3, size, size)
+
+    def __getitem__(self, i: int) -> dict:
+        for _ in range(10):
+            path, n = self.videos[i]
+            start = int(torch.randint(0, n - self.span + 1, ()))
+            try:
+                clean = self.load_clip(path, start)
+            except VideoError as e:
+                # a video corrupt in the middle must not stop a long run: warn once, train on another clip
+                if path not in self._failed:
+                    self._failed.add(path)
+                    warnings.warn(f"skipping a clip of {path}: {e}")
+                i = int(torch.randint(0, len(self), ()))
+                continue
+            jitter = float(torch.rand(())) < self.jitter_p  # one coin per sample, factors per frame
+            frames = colour_jitter(clean) if jitter else clean.clone()
+            return {"frames": frames, "clean": clean}
+        raise RuntimeError(f"10 clips in a row failed to decode under {self.root}; see the warnings")
+
+
+# -----------------------------------------------------------------------------
+# the 16-colour quantiser of the targets
+
+def fit_centroids(videos: Union[ClipDataset, str, Path, Sequence], n_clusters: int = 16, n_frames: int = 256,
+                  pixels_per_frame: int = 1024, seed: int = 0, n_init: int = 2) -> torch.Tensor:
+    """k-means on the (a, b) of pixels sampled from training frames -> centroids (n_clusters, 2) float32.
+
+    `videos`: a ClipDataset, a root folder, or a list of video paths. About `n_frames` frames are sampled in all:
+    a few from every video when there are fewer videos than that, else one from each of `n_frames` random videos,
+    so the cost does not grow with the size of the training set. Unreadable videos are skipped with a warning."""
+    from sklearn.cluster import KMeans  # imported here: only this function needs scikit-learn
+
+    if isinstance(videos, ClipDataset):
+        items = list(videos.videos)
+    elif isinstance(videos, (str, Path)):
+        items = [(p, None) for p in find_videos(videos)]
+    else:
+        items = [(Path(p), None) for p in videos]
+    g = torch.Generator().manual_seed(seed)
+    if len(items) > n_frames:
+        items = [items[i] for i in sorted(torch.randperm(len(items), generator=g)[:n_frames].tolist())]
+    per_video = -(-n_frames // max(len(items), 1))  # ceil
+    samples = []  # [(P, 2)] a, b of sampled pixels
+    for path, n in items:
+        try:
+            n = n or count_frames(path)
+            indices = torch.randperm(n, generator=g)[:per_video].tolist()
+            for frame in read_frames(path, indices):
+                pixels = torch.from_numpy(frame.reshape(-1, 3))  # (H*W, 3) uint8
+                pick = torch.randint(0, len(pixels), (pixels_per_frame,), generator=g)
+                rgb = pixels[pick].float().div(255).T[:, :, None]  # (3, P, 1): an image of P x 1 pixels
+                samples.append(rgb_to_lab(rgb)[1:, :, 0].T)  # (P, 2)
+        except VideoError as e:
+            warnings.warn(f"fit_centroids: skipping {path}: {e}")
+    if not samples or sum(len(s) for s in samples) < n_clusters:
+        raise ValueError(f"fit_centroids: not enough pixels from {len(items)} videos to fit {n_clusters} clusters")
+    ab = torch.cat(samples).numpy()  # (N, 2) float32: k-means runs in float32, about twice as fast
+    kmeans = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit(ab)
+    return torch.from_numpy(kmeans.cluster_centers_).float()
+
+
+def quantise(rgb: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1], (B, 3, H, W) or (3, H, W) -> index of the nearest centroid in (a, b), (B, H, W) or (H, W) long.
+    centroids: (K, 2) as fitted by `fit_centroids`."""
+    ab = rgb_to_lab(rgb.float())[..., 1:, :, :]  # (..., 2, H, W)
+    c = centroids.to(ab)  # (K, 2)
+    # |ab - c|^2 = |ab|^2 - 2 ab.c + |c|^2; |ab|^2 is the same for every centroid, so it is left out
+    dist = (c * c).sum(1)[:, None, None] - 2 * torch.einsum("kc,...chw->...khw", c, ab)  # (..., K, H, W)
+    return dist.argmin(dim=-3)

@@ -1,0 +1,244 @@
+"""data.py: Lab colour, the quantiser, colour jitter, finding/reading videos, the clip dataset and its index cache."""
+import colorsys
+import os
+import shutil
+import warnings
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+import data
+
+GOOD_CLIPS = ("davis16-rollerblade.mp4", "imageio_realshort.mp4")  # 35 and 36 frames: the shortest usable ones
+
+
+def write_video(path, n_frames, h=32, w=48, seed=0):
+    frames = np.random.default_rng(seed).integers(0, 256, (n_frames, h, w, 3), dtype=np.uint8)
+    iio.imwrite(path, frames, plugin="pyav", codec="libx264", fps=10)
+
+
+def image(*colours):
+    """A (3, 4, 4 * len(colours)) image of vertical bands, one per RGB colour in [0, 1]."""
+    return torch.tensor(colours, dtype=torch.float32).T[:, None, :, None].expand(3, 4, len(colours), 4).reshape(
+        3, 4, 4 * len(colours))
+
+
+# ---------------------------------------------------------------- colour
+
+@pytest.mark.parametrize("rgb, lab", [
+    ((1, 0, 0), (53.24, 80.09, 67.20)),
+    ((0, 1, 0), (87.73, -86.18, 83.18)),
+    ((0, 0, 1), (32.30, 79.19, -107.86)),
+    ((1, 1, 1), (100.0, 0.0, 0.0)),
+    ((0, 0, 0), (0.0, 0.0, 0.0)),
+    ((0.5, 0.5, 0.5), (53.39, 0.0, 0.0)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rgb_to_lab_known_values(rgb, lab, dtype):
+    x = torch.tensor(rgb, dtype=dtype)[None, :, None, None].expand(2, 3, 3, 5)  # batched, non-contiguous
+    out = data.rgb_to_lab(x)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert_close(out[1, :, 2, 4], torch.tensor(lab, dtype=dtype), atol=0.02, rtol=0)
+
+
+def test_quantise_known_colours():
+    colours = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1), (0.5, 0.5, 0.5)]
+    centroids = data.rgb_to_lab(image(*colours))[1:, 0, ::4].T  # (7, 2): (a, b) of each colour
+    img = image(*colours[::-1])  # bands in reverse order
+    expected = torch.arange(len(colours)).flip(0).repeat_interleave(4).expand(4, -1)  # (4, 28)
+    labels = data.quantise(img, centroids)
+    assert labels.dtype == torch.long and labels.shape == (4, 28)
+    assert torch.equal(labels, expected)
+    batched = data.quantise(torch.stack([img, image(*colours)]), centroids.double())  # (2, 3, H, W) -> (2, H, W)
+    assert torch.equal(batched[0], expected) and torch.equal(batched[1], expected.flip(-1))
+
+
+def test_hsv_round_trip_matches_colorsys():
+    rgb = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    hsv = data._rgb_to_hsv(rgb)
+    ref = torch.tensor([colorsys.rgb_to_hsv(*rgb[:, i, j].tolist()) for i in range(5) for j in range(7)])
+    assert_close(hsv.permute(1, 2, 0).reshape(-1, 3), ref, atol=1e-5, rtol=0)
+    assert_close(data._hsv_to_rgb(hsv), rgb, atol=1e-5, rtol=0)
+
+
+def test_colour_jitter():
+    frame = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    frames = frame.expand(4, 3, 16, 16)  # four copies of one frame
+    out = data.colour_jitter(frames, generator=torch.Generator().manual_seed(1))
+    assert out.shape == frames.shape and 0 <= out.min() and out.max() <= 1
+    assert not torch.equal(out, frames)
+    for t in range(1, 4):  # factors drawn per frame: identical inputs come out different
+        assert (out[t] - out[0]).abs().max() > 1e-3
+    again = data.colour_jitter(frames, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    assert (out - frames).abs().max() < 0.5  # strength 0.1 is mild
+    assert_close(data.colour_jitter(frames, strength=0.0), frames, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- finding and reading videos
+
+def test_find_videos(tmp_path):
+    for name in ["b_class/z.webm", "a_class/y.AVI", "a_class/x.mp4", "a_class/notes.txt", "c.MOV", "d.mkv",
+                 "frames/seq1/00000.jpg", "frames/seq1/00001.jpg", "frames/seq2/0.PNG", ".hidden/h.mp4",
+                 "e/.tmp.mp4", "labels/a.json"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    (tmp_path / "empty").mkdir()
+    found = [p.relative_to(tmp_path).as_posix() for p in data.find_videos(tmp_path)]
+    assert found == ["a_class/x.mp4", "a_class/y.AVI", "b_class/z.webm", "c.MOV", "d.mkv", "frames/seq1",
+                     "frames/seq2"]
+    assert found == [p.relative_to(tmp_path).as_posix() for p in data.find_videos(str(tmp_path))]
+
+
+def test_read_frame_folder(tmp_path):
+    grey = np.full((6, 8), 7, np.uint8)
+    rgba = np.zeros((6, 8, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    iio.imwrite(tmp_path / "2.png", grey)
+    iio.imwrite(tmp_path / "10.png", rgba)
+    frames = list(data.read_frames(tmp_path))  # natural order: 2 before 10
+    assert [f.shape for f in frames] == [(6, 8, 3)] * 2 and all(f.dtype == np.uint8 for f in frames)
+    assert (frames[0] == 7).all() and (frames[1][..., 0] == 200).all() and (frames[1][..., 1:] == 0).all()
+    assert data.count_frames(tmp_path) == 2
+    assert len(list(data.read_frames(tmp_path, [1]))) == 1
+
+
+def test_read_video_file(tmp_path):
+    write_video(tmp_path / "v.mp4", 12)
+    assert data.count_frames(tmp_path / "v.mp4") == 12
+    frames = list(data.read_frames(tmp_path / "v.mp4"))
+    assert len(frames) == 12 and frames[0].shape == (32, 48, 3) and frames[0].dtype == np.uint8
+    picked = list(data.read_frames(tmp_path / "v.mp4", [9, 2, 5]))
+    assert len(picked) == 3 and all(np.array_equal(a, frames[i]) for a, i in zip(picked, [2, 5, 9]))
+
+
+def test_read_errors_name_the_file(tmp_path):
+    (tmp_path / "x.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    for path in [tmp_path / "missing.mp4", tmp_path / "x.mp4"]:
+        with pytest.raises(data.VideoError, match=path.name):
+            list(data.read_frames(path))
+        with pytest.raises(data.VideoError, match=path.name):
+            data.count_frames(path)
+
+
+# ---------------------------------------------------------------- the dataset
+
+@pytest.fixture
+def clip_folder(tmp_path, shared_data):
+    """Two real clips (symlinked), a corrupt file and a 3-frame video, in class folders."""
+    root = tmp_path / "videos"
+    (root / "real").mkdir(parents=True)
+    (root / "bad").mkdir()
+    for name in GOOD_CLIPS:
+        os.symlink(shared_data / "train_videos_256" / name, root / "real" / name)
+    (root / "bad" / "x.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    write_video(root / "bad" / "short.mp4", 3)
+    return root
+
+
+@pytest.mark.filterwarnings("ignore:skipping")
+def test_dataset_skips_bad_videos_and_samples_clips(clip_folder):
+    with pytest.warns(UserWarning) as record:
+        ds = data.ClipDataset(clip_folder, size=64, jitter_p=0.0)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2
+    assert any("x.mp4" in m for m in messages) and any("short.mp4" in m and "3 frames" in m for m in messages)
+    assert sorted(p.name for p, _ in ds.skipped) == ["short.mp4", "x.mp4"]
+    assert len(ds) == 2 and sorted(p.name for p, _ in ds.videos) == sorted(GOOD_CLIPS)
+    torch.manual_seed(0)
+    sample = ds[0]
+    assert sample["frames"].shape == sample["clean"].shape == (3, 3, 64, 64)
+    assert sample["clean"].dtype == torch.float32 and 0 <= sample["clean"].min() and sample["clean"].max() <= 1
+    assert torch.equal(sample["frames"], sample["clean"])  # jitter_p = 0: no jitter
+    torch.manual_seed(0)
+    assert torch.equal(data.ClipDataset(clip_folder, size=64, jitter_p=0.0)[0]["clean"], sample["clean"])
+
+
+@pytest.mark.filterwarnings("ignore:skipping")
+def test_dataset_jitter_and_frame_gap(clip_folder):
+    ds = data.ClipDataset(clip_folder, num_frames=2, frame_gap=1, size=32, jitter_p=1.0)
+    assert ds.span == 2
+    torch.manual_seed(0)
+    sample = ds[1]
+    assert sample["frames"].shape == (2, 3, 32, 32)
+    assert not torch.equal(sample["frames"], sample["clean"]) and 0 <= sample["frames"].min() <= 1
+    # the clip is what read_frames gives for its indices, resized
+    torch.manual_seed(0)
+    start = int(torch.randint(0, ds.videos[1][1] - ds.span + 1, ()))
+    assert torch.equal(ds.load_clip(ds.videos[1][0], start), sample["clean"])
+
+
+@pytest.mark.filterwarnings("ignore:skipping")
+def test_dataset_survives_a_video_failing_mid_training(clip_folder, monkeypatch):
+    ds = data.ClipDataset(clip_folder, size=32)
+    broken, real_read = ds.videos[0][0], data.read_frames
+
+    def read(path, indices=None):
+        if path == broken:
+            raise data.VideoError(f"cannot decode frame 3 of {path}")
+        return real_read(path, indices)
+
+    monkeypatch.setattr(data, "read_frames", read)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=broken.name):
+        sample = ds[0]
+    assert sample["clean"].shape == (3, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        for _ in range(3):
+            ds[0]
+
+
+@pytest.mark.filterwarnings("ignore:skipping")
+def test_index_is_cached(clip_folder, monkeypatch):
+    ds = data.ClipDataset(clip_folder, size=32)
+    assert ds.index_file == clip_folder / data.INDEX_NAME and ds.index_file.exists()
+
+    def fail(path):
+        raise AssertionError(f"decoded {path} although the index knew it")
+
+    monkeypatch.setattr(data, "count_frames", fail)
+    again = data.ClipDataset(clip_folder, size=32)
+    assert again.videos == ds.videos and again.skipped == ds.skipped and again.index_file is None
+    # a changed file is looked at again, the others are not
+    write_video(clip_folder / "bad" / "short.mp4", 12)
+    monkeypatch.setattr(data, "count_frames", lambda path: 12)
+    assert len(data.ClipDataset(clip_folder, size=32)) == 3
+
+
+def test_index_falls_back_to_user_cache(tmp_path, monkeypatch):
+    root = tmp_path / "ro"
+    root.mkdir()
+    write_video(root / "v.mp4", 12)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root.chmod(0o555)
+    try:
+        ds = data.ClipDataset(root, size=32)
+        assert len(ds) == 1 and not (root / data.INDEX_NAME).exists()
+        assert ds.index_file.parent == tmp_path / "cache" / "corrflow" and ds.index_file.exists()
+        monkeypatch.setattr(data, "count_frames", lambda path: pytest.fail("index not reused"))
+        assert len(data.ClipDataset(root, size=32)) == 1
+    finally:
+        root.chmod(0o755)
+
+
+def test_empty_or_unusable_folder_raises(tmp_path):
+    with pytest.raises(ValueError, match=str(tmp_path)):
+        data.ClipDataset(tmp_path)
+    write_video(tmp_path / "short.mp4", 3)
+    with pytest.warns(UserWarning, match="short.mp4"), pytest.raises(ValueError, match="no usable video"):
+        data.ClipDataset(tmp_path)
+    with pytest.raises(ValueError, match="not found"):
+        data.ClipDataset(tmp_path / "nope")
+
+
+def test_fit_centroids_on_real_clips(shared_data):
+    paths = [shared_data / "train_videos_256" / name for name in GOOD_CLIPS]
+    centroids = data.fit_centroids(paths, n_frames=4, pixels_per_frame=500, seed=0)
+    assert centroids.shape == (16, 2) and centroids.dtype == torch.float32 and torch.isfinite(centroids).all()
+    assert torch.equal(centroids, data.fit_centroids(paths, n_frames=4, pixels_per_frame=500, seed=0))
+    labels = data.quantise(torch.rand(2, 3, 8, 8), centroids)
+    assert labels.shape == (2, 8, 8) and 0 <= labels.min() and labels.max() < 16
