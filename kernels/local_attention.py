@@ -12,9 +12,9 @@ Out-of-image window slots are excluded by an explicit validity mask computed fro
 itself is always a candidate, so every softmax has at least one term.
 
 Two implementations with the same signature:
-- `local_attention_ref`: plain PyTorch, the specification. Loops over window offsets on shifted views of the
-  zero-padded references, so it never builds an unfolded (window x H x W x C) buffer; its memory is the score
-  tensor (B, R*(2*radius+1)^2, rows, W), bounded by processing rows in chunks.
+- `local_attention_ref`: plain PyTorch, the specification: dense scores of each 8x8 tile of queries against the
+  references' positions around it, masked to each query's window; memory bounded by processing tile rows in
+  chunks (about 0.8 GB peak for 480p, 4 references, radius 12).
 - `local_attention_triton`: fused Triton kernels (forward and backward), see the header of the Triton part below.
 `local_attention` dispatches: the Triton path for CUDA tensors, the reference otherwise.
 """
@@ -23,7 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-SCORE_BUDGET_BYTES = 256 * 2**20  # the reference keeps at most about this much of scores per row chunk
+TILE = 8  # the reference takes queries in TILE x TILE tiles
+SCORE_BUDGET_BYTES = 64 * 2**20  # ... and keeps at most about this much of scores at a time
 
 
 def _check(query, refs, values, radius, temperature):
@@ -55,45 +56,54 @@ def _check(query, refs, values, radius, temperature):
 
 
 def local_attention_ref(query, refs, values, radius, temperature=1.0):
-    """Plain PyTorch restricted attention (the specification). See the module docstring for the math."""
+    """Plain PyTorch restricted attention (the specification). See the module docstring for the math.
+
+    Queries are taken in TILE x TILE tiles; each tile's candidates are the reference positions of its halo (the tile
+    grown by `radius` on every side), gathered with `unfold`. Scores of a tile against its halo are one matrix
+    product; the window relation (|dy|, |dx| <= radius, inside the image) is an explicit boolean mask. Tile rows are
+    processed in chunks so that the scores stay under SCORE_BUDGET_BYTES.
+    """
     _check(query, refs, values, radius, temperature)
     B, C, H, W = query.shape
     R, K = refs.shape[1], values.shape[2]
-    D = 2 * radius + 1
-    pad = (radius, radius, radius, radius)
-    refs_p = F.pad(refs.reshape(B, R * C, H, W), pad).view(B, R, C, H + 2 * radius, W + 2 * radius)
-    values_p = F.pad(values.reshape(B, R * K, H, W), pad).view(B, R, K, H + 2 * radius, W + 2 * radius)
-    ys = torch.arange(H, device=query.device)
-    xs = torch.arange(W, device=query.device)
-    bytes_per_row = B * R * D * D * W * 4
-    rows = max(1, min(H, SCORE_BUDGET_BYTES // bytes_per_row))
-    out = []
-    for y0 in range(0, H, rows):
-        y1 = min(H, y0 + rows)
-        q = query[:, None, :, y0:y1]  # (B, 1, C, h, W)
-        scores, valid = [], []
-        for dy in range(-radius, radius + 1):
-            row_ok = ((ys[y0:y1] + dy >= 0) & (ys[y0:y1] + dy < H))[:, None]  # (h, 1)
-            for dx in range(-radius, radius + 1):
-                col_ok = ((xs + dx >= 0) & (xs + dx < W))[None, :]  # (1, W)
-                k = refs_p[:, :, :, y0 + dy + radius:y1 + dy + radius, dx + radius:dx + radius + W]
-                scores.append((q * k).sum(2))  # (B, R, h, W)
-                valid.append(row_ok & col_ok)  # (h, W)
-        scores = torch.stack(scores, 2) / temperature  # (B, R, D*D, h, W)
-        valid = torch.stack(valid, 0)  # (D*D, h, W)
-        scores = scores.masked_fill(~valid, float("-inf"))
-        acc_dtype = torch.promote_types(scores.dtype, torch.float32)  # softmax in fp32 (fp64 stays fp64)
-        attn = torch.softmax(scores.flatten(1, 2), dim=1, dtype=acc_dtype).to(query.dtype).view_as(scores)
-        acc = 0
-        i = 0
-        for dy in range(-radius, radius + 1):
-            for dx in range(-radius, radius + 1):
-                v = values_p[:, :, :, y0 + dy + radius:y1 + dy + radius, dx + radius:dx + radius + W]
-                acc = acc + (attn[:, :, i, None] * v).sum(1)  # (B, K, h, W)
-                i += 1
-        out.append(acc)
-    return torch.cat(out, 2)
+    S, r = TILE, radius
+    halo = S + 2 * r  # halo side
+    tiles_y, tiles_x = -(-H // S), -(-W // S)
+    Hp, Wp = tiles_y * S, tiles_x * S  # query map padded to whole tiles
+    pad = (r, r + Wp - W, r, r + Hp - H)  # references padded by the radius (and the tiles' padding)
+    refs_p = F.pad(refs.reshape(B * R, C, H, W), pad)
+    values_p = F.pad(values.reshape(B * R, K, H, W), pad)
+    inside_p = F.pad(query.new_ones(1, 1, H, W), pad)  # 1 where a padded position is a real pixel
+    query_p = F.pad(query, (0, Wp - W, 0, Hp - H))
+    query_pad = F.pad(query.new_zeros(1, 1, H, W), (0, Wp - W, 0, Hp - H), value=1.0)  # 1 on the tiles' padding
+    # near[i, j]: halo position j lies in the window of tile position i (offsets are the same for every tile)
+    offsets = torch.arange(halo, device=query.device) - r
+    near_1d = (torch.arange(S, device=query.device)[:, None] - offsets[None, :]).abs() <= r  # (S, halo)
+    near = (near_1d[:, None, :, None] & near_1d[None, :, None, :]).reshape(S * S, halo * halo)
 
+    def halos(x, channels, t0, t1):  # padded (B*R, ch, ., .) -> (B, tiles, R*halo^2, ch) for tile rows t0..t1
+        x = F.unfold(x[:, :, t0 * S:t1 * S + 2 * r], halo, stride=S).view(B, R, channels, halo * halo, -1)
+        return x.permute(0, 4, 1, 3, 2).reshape(B, -1, R * halo * halo, channels)
+
+    bytes_per_tile_row = B * tiles_x * S * S * R * halo * halo * 4
+    rows = max(1, min(tiles_y, SCORE_BUDGET_BYTES // bytes_per_tile_row))
+    out = []
+    for t0 in range(0, tiles_y, rows):
+        t1 = min(tiles_y, t0 + rows)
+        keys, vals = halos(refs_p, C, t0, t1), halos(values_p, K, t0, t1)  # (B, n, R*halo^2, C or K)
+        inside = F.unfold(inside_p[:, :, t0 * S:t1 * S + 2 * r], halo, stride=S)[0].T > 0  # (n, halo^2)
+        padding = F.unfold(query_pad[:, :, t0 * S:t1 * S], S, stride=S)[0].T > 0  # (n, S^2) queries off the map
+        # a query off the map (tile padding, cropped at the end) may see anything: no all -inf row, no NaN
+        valid = (near[None] & (inside[:, None, :] | padding[:, :, None])).repeat(1, 1, R)  # (n, S^2, R*halo^2)
+        q = F.unfold(query_p[:, :, t0 * S:t1 * S], S, stride=S).view(B, C, S * S, -1).permute(0, 3, 2, 1)
+        scores = (q @ keys.transpose(-1, -2)) / temperature  # (B, n, S^2, R*halo^2)
+        scores = scores.masked_fill(~valid, float("-inf"))  # a real query always sees itself
+        acc_dtype = torch.promote_types(scores.dtype, torch.float32)  # softmax in fp32 (fp64 stays fp64)
+        attn = torch.softmax(scores, dim=-1, dtype=acc_dtype).to(query.dtype)  # one softmax over all R refs
+        o = attn @ vals  # (B, n, S^2, K)
+        o = o.permute(0, 3, 2, 1).reshape(B, K * S * S, -1)
+        out.append(F.fold(o, ((t1 - t0) * S, Wp), S, stride=S))  # (B, K, rows, Wp)
+    return torch.cat(out, 2)[:, :, :H, :W]
 
 
 # --------------------------------------------------------------------------------------------------------------

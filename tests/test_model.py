@@ -1,0 +1,59 @@
+"""The CorrFlow encoder's shape, and checkpoint loading errors."""
+import dataclasses
+
+import pytest
+import torch
+
+from model import CHECKPOINT_FORMAT, CorrFlow, ModelConfig, downsample_labels, export_weights, load_checkpoint
+
+
+def test_parameter_count_and_output_stride():
+    model = CorrFlow()
+    assert sum(p.numel() for p in model.parameters()) == 5_291_648  # as CorrFlow's published encoder
+    with torch.no_grad():
+        feats = model.eval()(torch.rand(2, 3, 64, 96))
+    assert feats.shape == (2, 64, 16, 24)
+
+
+def test_downsample_labels_averages_one_hots():
+    labels = torch.zeros(1, 2, 4, 8)
+    labels[0, 1, :, :2] = 1  # class 1 on 2 of the 4 columns of the first 4x4 cell
+    labels[0, 0] = 1 - labels[0, 1]
+    small = downsample_labels(labels)
+    assert small.shape == (1, 2, 1, 2)
+    torch.testing.assert_close(small[0, :, 0, 0], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(small[0, :, 0, 1], torch.tensor([1.0, 0.0]))
+
+
+def _write(path, obj):
+    torch.save(obj, path)
+    return path
+
+
+def test_checkpoint_round_trip_and_export(tmp_path):
+    model = CorrFlow()
+    ckpt = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": {},
+            "model_config": dataclasses.asdict(ModelConfig()), "centroids": torch.randn(16, 2), "step": 3}
+    src = _write(tmp_path / "ckpt.pt", ckpt)
+    export_weights(src, tmp_path / "small.pt")
+    loaded, centroids, meta = load_checkpoint(tmp_path / "small.pt")
+    assert meta["step"] == 3 and centroids.shape == (16, 2)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(b, a.half().float() if a.is_floating_point() else a, msg=name)
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "not found"),
+    (b"not a checkpoint", "not a readable checkpoint"),
+    ({"weights": 1}, "not a CorrFlow checkpoint"),
+    ({"format": CHECKPOINT_FORMAT, "model": {"x": torch.zeros(1)}, "model_config": {}}, "do not match"),
+])
+def test_bad_checkpoints_give_one_line_errors(tmp_path, content, match):
+    path = tmp_path / "bad.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(ValueError, match=match) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value) and "bad.pt" in str(info.value)
