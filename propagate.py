@@ -50,7 +50,8 @@ class PropagationConfig:
 
 
 PROTOCOLS = {
-    # best measured on DAVIS with Lab features: first + 3 recent frames, soft labels (J&F 0.574 at temperature 0.001)
+    # first + 3 recent frames: best measured on DAVIS with Lab features (J&F 0.574 at temperature 0.001, data README).
+    # Soft labels as MAST and CRW; with Lab features, first + previous frame, hard labels measured 0.551 vs soft 0.543
     "default": dict(radius=6, use_first=True, num_recent=3, soft_labels=True),
     # Lai & Xie 2019: previous frame only, its hard argmax, radius 6; temperature stays the features' own (model: 1)
     "corrflow": dict(radius=6, use_first=False, num_recent=1, soft_labels=False),
@@ -155,6 +156,8 @@ def object_ids(mask: np.ndarray) -> np.ndarray:
     ids = ids[ids != 0]
     if len(ids) == 0:
         raise ValueError("the first-frame mask has no object (every pixel is background 0)")
+    if ids.max() > 255:
+        raise ValueError("object ids above 255 do not fit a palette PNG")
     return ids
 
 
@@ -208,13 +211,17 @@ def locate_points(heatmaps: torch.Tensor) -> np.ndarray:
 
 def propagate_points(frames: Iterable[np.ndarray], first_points: np.ndarray, cfg: PropagationConfig,
                      encoder: Encoder, device: torch.device) -> Iterator[np.ndarray]:
-    """Frames and the first frame's points (J, 2) pixel (x, y) -> (J, 2) per frame, the first frame's included."""
+    """Frames and the first frame's points (J, 2) pixel (x, y) -> (J, 2) per frame, the first frame's included.
+
+    Heat maps are always fed back soft: an argmax over the joints' channels would erase them.
+    """
     frames = iter(frames)
     first = next(frames, None)
     if first is None:
         raise ValueError("the video has no frames (or none from the first labelled frame on)")
     h, w = -(-first.shape[0] // STRIDE), -(-first.shape[1] // STRIDE)
     first_labels = gaussian_heatmaps(first_points, h, w, device)  # (1, J, h, w)
+    cfg = replace(cfg, soft_labels=True)
     for i, heatmaps in enumerate(_propagate(first, frames, first_labels, cfg, encoder, device)):
         yield np.asarray(first_points, dtype=np.float64) if i == 0 else locate_points(heatmaps)
 
@@ -388,7 +395,7 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
 
 
 def add_propagation_args(parser: argparse.ArgumentParser) -> None:
-    """Propagation options. The protocol sets a preset; --radius, --num-recent, --temperature, --no-first override it."""
+    """Propagation options: --protocol picks a preset; the other flags, when given, override it."""
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="default",
                         help="default: first + 3 recent frames, soft labels; corrflow: the paper's (previous frame, "
                              "hard labels, radius 6)")
@@ -398,15 +405,17 @@ def add_propagation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-recent", type=int, help="number of recent frames used as references (preset: 3)")
     parser.add_argument("--temperature", type=float, help="softmax temperature (model: 1.0, lab: 0.001)")
     parser.add_argument("--no-first", action="store_true", help="do not keep the first frame as a reference")
+    parser.add_argument("--hard-labels", action="store_true", help="feed back the one-hot argmax, not probabilities")
 
 
 def config_from_args(args: argparse.Namespace) -> PropagationConfig:
     """The protocol's preset, then every explicitly given flag on top of it."""
-    cfg = PropagationConfig(features=getattr(args, "features", None) or "model", **PROTOCOLS[args.protocol])
+    cfg = PropagationConfig(features=args.features, **PROTOCOLS[args.protocol])
     for field, value in (("radius", args.radius), ("num_recent", args.num_recent), ("temperature", args.temperature)):
         if value is not None:
             cfg = replace(cfg, **{field: value})
-    return replace(cfg, use_first=False) if args.no_first else cfg
+    cfg = replace(cfg, use_first=False) if args.no_first else cfg
+    return replace(cfg, soft_labels=False) if args.hard_labels else cfg
 
 
 if __name__ == "__main__":

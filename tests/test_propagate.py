@@ -102,6 +102,8 @@ def test_corrflow_protocol(clip, checkpoint, tmp_path, monkeypatch):
     cfg = propagate.config_from_args(parser.parse_args(["--protocol", "corrflow"]))
     assert (cfg.use_first, cfg.num_recent, cfg.soft_labels, cfg.radius, cfg.temperature) == (False, 1, False, 6, None)
     assert propagate.config_from_args(parser.parse_args(["--protocol", "corrflow", "--radius", "3"])).radius == 3
+    cfg_default = propagate.config_from_args(parser.parse_args(["--features", "lab", "--no-first", "--hard-labels"]))
+    assert (cfg_default.features, cfg_default.use_first, cfg_default.soft_labels) == ("lab", False, False)
     seen = []
 
     def spy(query, refs, values, radius, temperature):
