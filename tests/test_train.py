@@ -1,0 +1,165 @@
+"""The training loop: its schedules, colour dropout, learning, resume and DDP equivalence (CPU)."""
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+import train
+from data import read_frames
+from model import CorrFlow
+from train import TrainConfig, colour_dropout, get_lr, p_ground_truth
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_p_ground_truth_schedule():
+    cfg = TrainConfig()
+    assert p_ground_truth(0, 101, cfg) == pytest.approx(0.9)
+    assert p_ground_truth(50, 101, cfg) == pytest.approx(0.75)
+    assert p_ground_truth(100, 101, cfg) == pytest.approx(0.6)
+
+
+def test_lr_halves_at_samples_seen():
+    cfg = TrainConfig(batch_size=6)
+    assert get_lr(0, cfg) == 2e-4
+    assert get_lr(400_000 // 6 + 1, cfg) == 1e-4
+    assert get_lr(1_000_000 // 6 + 1, cfg) == pytest.approx(2e-4 / 16)
+    assert get_lr(400_000 // 12 + 1, cfg, world=2) == 1e-4  # samples counted over all processes
+
+
+def test_colour_dropout_statistics():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 3, 4, 4) + 0.1  # (B, T, 3, H, W), no zeros
+    untouched, n = 0, 2000
+    for _ in range(n):
+        y, k = colour_dropout(x, 0.3, gen)
+        dropped = (y == 0).all(dim=(0, 1, 3, 4))  # (3,) channels zeroed for the whole batch
+        assert int(dropped.sum()) == k and k in (0, 1, 2)  # never all 3
+        kept = ~dropped
+        torch.testing.assert_close(y[:, :, kept], x[:, :, kept] * 3 / (3 - k))
+        untouched += k == 0
+    assert abs(untouched / n - 0.3) < 0.04
+
+
+@pytest.fixture
+def clip_folder(shared_data, tmp_path):
+    """A folder holding one real clip cut to 9 frames (exactly one triplet 0, 4, 8) and a fixed set of centroids."""
+    src = next(iter(sorted((shared_data / "train_videos_256").glob("davis16-*.mp4"))))
+    frames = [f for _, f in zip(range(9), read_frames(src))]
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    iio.imwrite(folder / "clip.mp4", np.stack(frames), plugin="pyav", codec="libx264", fps=24)
+    centroids = tmp_path / "centroids.pt"
+    torch.save(torch.tensor([[a, b] for a in (-40, -15, 5, 30) for b in (-40, -10, 10, 40)], dtype=torch.float32),
+               centroids)
+    return folder, centroids
+
+
+def small_config(folder, centroids, out, **kw):
+    return TrainConfig(data=str(folder), out=str(out), centroids=str(centroids), size=64, batch_size=2,
+                       workers=0, device="cpu", log_every=1, ckpt_every=1000, **kw)
+
+
+def read_log(out):
+    import csv
+
+    with open(Path(out) / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_few_steps_lower_the_loss(clip_folder, tmp_path):
+    folder, centroids = clip_folder
+    cfg = small_config(folder, centroids, tmp_path / "run", steps=8, jitter_p=0.0, dropout_none_p=1.0,
+                       p_gt_start=1.0, p_gt_end=1.0)
+    train.main(cfg)
+    losses = [float(r["loss"]) for r in read_log(cfg.out)]
+    assert len(losses) == 8
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_resume_equals_uninterrupted_run(clip_folder, tmp_path, monkeypatch):
+    folder, centroids = clip_folder
+    whole = small_config(folder, centroids, tmp_path / "whole", steps=4)
+    train.main(whole)
+
+    # the same run, interrupted (Ctrl-C) after 2 steps, then resumed
+    parts = small_config(folder, centroids, tmp_path / "parts", steps=4)
+    real_get_lr = train.get_lr
+
+    def interrupt_at_2(step, *args):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_get_lr(step, *args)
+
+    monkeypatch.setattr(train, "get_lr", interrupt_at_2)
+    with pytest.raises(SystemExit):
+        train.main(parts)
+    assert torch.load(Path(parts.out) / "ckpt.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(train, "get_lr", real_get_lr)
+    train.main(dataclasses.replace(parts, resume=True))
+
+    a = torch.load(Path(whole.out) / "ckpt.pt", weights_only=False)
+    b = torch.load(Path(parts.out) / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for name in a["model"]:
+        torch.testing.assert_close(b["model"][name], a["model"][name], atol=0, rtol=0, msg=name)
+    assert [r["loss"] for r in read_log(whole.out)] == [r["loss"] for r in read_log(parts.out)]
+
+
+def test_ddp_two_processes_equal_one_process(clip_folder, tmp_path):
+    """Two gloo processes with batch 1 each compute the same loss and gradients as one process with batch 2.
+
+    The clip folder holds one 9-frame clip without jitter, so both halves of the batch are the same clip: on CPU each
+    process keeps its own BatchNorm statistics (SyncBatchNorm needs GPUs), and identical halves make them equal to
+    the combined batch's. The gradients are read from Adam's first moment after one step (exp_avg = 0.1 * grad):
+    after the update itself, Adam turns rounding-level differences of near-zero gradients into +-lr steps."""
+    folder, centroids = clip_folder
+    common = ["--data", str(folder), "--centroids", str(centroids), "--size", "64", "--steps", "1",
+              "--workers", "0", "--device", "cpu", "--jitter-p", "0", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *common, "--batch-size", "2", "--out",
+                    str(tmp_path / "one")], check=True, env=env, cwd=ROOT, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(ROOT / "train.py"), *common, "--batch-size", "1", "--out", str(tmp_path / "two")],
+                   check=True, env=env, cwd=ROOT, capture_output=True)
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["optimizer"]["state"]
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["optimizer"]["state"]
+    assert len(a) == len(b) == len(list(CorrFlow().parameters()))  # every parameter got a gradient
+    for i in a:
+        grad_a, grad_b = a[i]["exp_avg"], b[i]["exp_avg"]
+        torch.testing.assert_close(grad_b, grad_a, atol=1e-4 * float(grad_a.abs().max()), rtol=0,
+                                   msg=lambda m: f"parameter {i}: {m}")
+    loss_a, loss_b = (float(read_log(tmp_path / d)[0]["loss"]) for d in ("one", "two"))
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+
+
+def test_non_finite_loss_stops_with_checkpoint_intact(clip_folder, tmp_path, monkeypatch):
+    folder, centroids = clip_folder
+    cfg = small_config(folder, centroids, tmp_path / "run", steps=3)
+    cfg.ckpt_every = 1
+    real_nll = train.nll
+    calls = {"n": 0}
+
+    def nan_after_first_step(probs, target):
+        calls["n"] += 1
+        return real_nll(probs, target) * (float("nan") if calls["n"] > 4 else 1.0)  # 4 nll terms per step
+
+    monkeypatch.setattr(train, "nll", nan_after_first_step)
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 1"):
+        train.main(cfg)
+    assert torch.load(Path(cfg.out) / "ckpt.pt", weights_only=False)["step"] == 1
+
+
+def test_empty_data_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(tmp_path / "empty"),
+                             "--out", str(tmp_path / "out"), "--device", "cpu"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no usable video in")

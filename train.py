@@ -1,0 +1,370 @@
+"""Train the CorrFlow encoder by colourisation through restricted attention, on a folder of unlabelled videos.
+
+    python train.py --data kinetics/ --out runs/corrflow              # one GPU, or the CPU
+    torchrun --nproc_per_node 4 train.py --data kinetics/ --out ...    # several GPUs (DDP), nothing else to change
+
+Each iteration takes triplets of frames (0, 4, 8 of a clip), encodes every frame once, and predicts the quantised
+colours (16 k-means clusters of Lab a/b) of frames 1 and 2 by copying labels from the previous frame through the
+softmax over local feature similarities. The four mechanisms of the paper are marked in the loop below:
+colour dropout (information bottleneck), 16-cluster cross-entropy, scheduled sampling, cycle consistency.
+"""
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import ClipDataset, fit_centroids, quantise
+from model import CHECKPOINT_FORMAT, CorrFlow, ModelConfig, copy_labels, downsample_labels
+
+
+@dataclass
+class TrainConfig:
+    data: str = "kinetics/"  # folder of videos, searched recursively (video files or folders of frames)
+    out: str = "runs/corrflow"  # checkpoints, the log CSV and the exported weights go here
+    steps: int = 0  # optimiser steps; 0: derived from `epochs` (one clip per video per epoch)
+    epochs: int = 10  # CorrFlow: 10 epochs of Kinetics
+    batch_size: int = 6  # clips per step (per process under torchrun); CorrFlow: 6
+    lr: float = 2e-4  # Adam, betas (0.9, 0.999) (CorrFlow)
+    lr_halve_at: tuple = (400_000, 600_000, 800_000, 1_000_000)  # samples seen at which lr halves (CorrFlow)
+    size: int = 256  # frames resized to size x size (CorrFlow: 256)
+    frame_gap: int = 4  # frames 0, gap, 2*gap of a clip (CorrFlow: 4)
+    jitter_p: float = 0.1  # colour jitter probability per clip (CorrFlow: 0.1)
+    dropout_none_p: float = 0.3  # colour dropout: probability of dropping no channel (CorrFlow: 0.3)
+    p_gt_start: float = 0.9  # scheduled sampling: probability of feeding true labels at the start (CorrFlow: 0.9)
+    p_gt_end: float = 0.6  # ... falling linearly to this at the end of the run (CorrFlow: 0.6)
+    cycle_weight: float = 0.1  # weight of the cycle-consistency loss (CorrFlow: 0.1)
+    num_clusters: int = 16  # colour classes (CorrFlow: 16)
+    centroids: str = ""  # a .pt file of (num_clusters, 2) centroids; empty: fit them on the training videos
+    model: ModelConfig = field(default_factory=ModelConfig)
+    device: str = "auto"  # auto | cpu | cuda
+    workers: int = 4  # data loader processes
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    resume: bool = False  # continue from <out>/ckpt.pt
+
+
+# ------------------------------------------------------------------------------------------- the method's parts
+
+
+def get_lr(step: int, cfg: TrainConfig, world: int = 1) -> float:
+    """CorrFlow's schedule: lr halves each time the number of samples seen passes a milestone."""
+    seen = step * cfg.batch_size * world
+    return cfg.lr * 0.5 ** sum(seen >= m for m in cfg.lr_halve_at)
+
+
+def p_ground_truth(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Scheduled sampling: probability of feeding true labels, linear from p_gt_start to p_gt_end over the run."""
+    t = step / max(1, total_steps - 1)
+    return cfg.p_gt_start + (cfg.p_gt_end - cfg.p_gt_start) * t
+
+
+def colour_dropout(frames: torch.Tensor, none_p: float, gen: torch.Generator) -> tuple:
+    """Information bottleneck: with probability 1 - none_p, zero 1 or 2 of the RGB channels for the whole batch
+    and rescale by 3 / (3 - k), so the encoder cannot solve the colouring from the input colours alone.
+    frames (..., 3, H, W) -> (frames, k dropped)."""
+    if torch.rand((), generator=gen) < none_p:
+        return frames, 0
+    k = int(torch.randint(1, 3, (), generator=gen))
+    keep = torch.ones(3, device=frames.device)
+    keep[torch.randperm(3, generator=gen)[:k].to(frames.device)] = 0
+    return frames * (keep * 3 / (3 - k))[:, None, None], k
+
+
+def nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """16-cluster cross-entropy: stride-4 probabilities (B, K, h, w), upsampled to the target's (B, H, W)."""
+    probs = F.interpolate(probs.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+    return F.nll_loss(torch.log(probs + 1e-8), target)
+
+
+# ------------------------------------------------------------------------------------------- data and checkpoints
+
+
+class SeededClips(torch.utils.data.Dataset):
+    """Sample n of the run draws its clip with torch seeded by (seed, n): the stream of clips depends only on the
+    sample number, so a resumed run, or the same samples split over torchrun processes, sees the same data."""
+
+    def __init__(self, clips: ClipDataset, seed: int):
+        self.clips, self.seed = clips, seed
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, item):
+        index, n = item
+        torch.manual_seed(self.seed * 1_000_003 + n)
+        return self.clips[index]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batches of (video index, sample number) from `start_step` on; epoch e visits the videos in the order of a
+    permutation seeded by (seed, e). Under torchrun, process `rank` takes its slice of each global batch."""
+
+    def __init__(self, n_videos, batch_size, start_step, total_steps, seed, rank=0, world=1):
+        self.n, self.b, self.start, self.total, self.seed, self.rank, self.world = (
+            n_videos, batch_size, start_step, total_steps, seed, rank, world)
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __iter__(self):
+        perms = {}
+        for step in range(self.start, self.total):
+            batch = []
+            for i in range(self.b):
+                n = (step * self.world + self.rank) * self.b + i  # global sample number
+                epoch = n // self.n
+                if epoch not in perms:
+                    perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+                batch.append((int(perms[epoch][n % self.n]), n))
+            yield batch
+
+
+def save_atomic(obj, path: Path):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_states():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def checkpoint(model, optimizer, step, cfg, centroids):
+    return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": step, "train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(cfg.model),
+            "centroids": centroids.cpu(), "rng": rng_states()}
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def main(cfg: TrainConfig) -> Path:
+    """Train; returns the path of the exported inference weights (<out>/corrflow.pt)."""
+    # -- setup: DDP when started by torchrun, one device decided here
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world, local_rank = 0, 1, 0
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    master = rank == 0
+    out = Path(cfg.out)
+    ckpt_path = out / "ckpt.pt"
+    resume = cfg.resume and ckpt_path.is_file()
+    if cfg.resume and not resume and master:
+        print(f"no checkpoint at {ckpt_path}: starting a new run")
+    state = None
+    if resume:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT or "optimizer" not in state:
+            raise ValueError(f"{ckpt_path}: not a CorrFlow training checkpoint")
+        keep = {k: getattr(cfg, k) for k in ("data", "out", "device", "workers", "resume", "log_every", "ckpt_every")}
+        saved = state["train_config"]
+        saved["model"] = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["model"].items()})
+        saved["lr_halve_at"] = tuple(saved["lr_halve_at"])
+        cfg = dataclasses.replace(TrainConfig(**saved), **keep)  # the run's own settings, this machine's paths
+    torch.manual_seed(cfg.seed)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # -- data: clips of 3 frames `frame_gap` apart; the colour classes' centroids
+    clips = ClipDataset(cfg.data, num_frames=3, frame_gap=cfg.frame_gap, size=cfg.size, jitter_p=cfg.jitter_p)
+    if state is not None:
+        centroids = state["centroids"]
+    elif cfg.centroids:
+        centroids = torch.load(cfg.centroids, map_location="cpu")
+    else:
+        centroids = fit_centroids(clips, n_clusters=cfg.num_clusters, seed=cfg.seed)
+        # every process must quantise with the same centroids
+    if ddp and state is None and not cfg.centroids:
+        dist.broadcast(centroids, 0)
+    centroids = centroids.to(device)
+    total_steps = cfg.steps or max(1, cfg.epochs * len(clips) // (cfg.batch_size * world))
+
+    # -- model and optimiser, restored when resuming
+    model = CorrFlow(cfg.model).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        if master:
+            print(f"resuming {ckpt_path} at step {step}/{total_steps}")
+    raw_model = model
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        if ddp:  # batch statistics over the global batch (SyncBatchNorm needs GPUs)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        raw_model = model.module
+    sampler = StepBatches(len(clips), cfg.batch_size, step, total_steps, cfg.seed, rank, world)
+    loader = torch.utils.data.DataLoader(SeededClips(clips, cfg.seed), batch_sampler=sampler,
+                                         num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=False)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    log_path = out / "log.csv"
+    if master:
+        _trim_log(log_path, step)
+    radius, temp = cfg.model.radius, cfg.model.temperature
+
+    def copy(query, ref, labels):  # one reference: (B, C, h, w), (B, C, h, w), (B, K, h, w) -> (B, K, h, w)
+        return copy_labels(query, ref[:, None], labels[:, None].to(ref.dtype), radius, temp).float()
+
+    # -- the loop
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not master, desc="train", unit="step")
+    t_last, step_last = time.time(), step
+    try:
+        for batch in loader:
+            lr = get_lr(step, cfg, world)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # same draws on every process
+            frames = batch["frames"].to(device, non_blocking=True)  # (B, 3 frames, 3, H, W) jittered input
+            clean = batch["clean"].to(device, non_blocking=True)  # (B, 3, 3, H, W) targets come from these
+            B = frames.shape[0]
+            with torch.no_grad():
+                target = quantise(clean.flatten(0, 1), centroids).view(B, 3, *clean.shape[-2:])  # (B, 3, H, W)
+                onehot = F.one_hot(target.flatten(0, 1), cfg.num_clusters).permute(0, 3, 1, 2).float()
+                labels = downsample_labels(onehot)  # (B*3, 16, H/4, W/4) averaged one-hots
+                labels = labels.view(B, 3, *labels.shape[1:])
+
+            # 1. colour dropout: the same 1 or 2 channels zeroed for the whole batch (or none, p=0.3)
+            x, _ = colour_dropout(frames, cfg.dropout_none_p, gen)
+            with autocast:
+                # each frame encoded once per iteration; every copy below reuses these features
+                x = x.flatten(0, 1).contiguous(memory_format=memory_format)  # (B*3, 3, H, W)
+                f0, f1, f2 = model(x).view(B, 3, -1, *labels.shape[-2:]).unbind(1)  # each (B, 64, H/4, W/4)
+
+                # 2. short-term colourisation, 0 -> 1 from true labels, 1 -> 2 with 3. scheduled sampling:
+                #    true labels of frame 1 with probability p_gt, else the model's own soft prediction (with grad)
+                p_gt = p_ground_truth(step, total_steps, cfg)
+                p1 = copy(f1, f0, labels[:, 0])  # (B, 16, H/4, W/4)
+                use_gt = bool(torch.rand((), generator=gen) < p_gt)
+                p2 = copy(f2, f1, labels[:, 1] if use_gt else p1)
+                short = nll(p1, target[:, 1]) + nll(p2, target[:, 2])
+
+                # 4. cycle consistency on own predictions: 0 -> 1 -> 0 and 0 -> 1 -> 2 -> 1 -> 0 reconstruct frame 0
+                p0_short = copy(f0, f1, p1)
+                p2_own = copy(f2, f1, p1) if use_gt else p2
+                p0_long = copy(f0, f1, copy(f1, f2, p2_own))
+                cycle = nll(p0_short, target[:, 0]) + nll(p0_long, target[:, 0])
+                loss = short + cfg.cycle_weight * cycle
+
+            if not torch.isfinite(loss):  # a CPU-GPU sync point, worth it: never step on a NaN
+                raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}; the last good checkpoint "
+                                         f"is {ckpt_path if ckpt_path.exists() else 'not written yet'}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+
+            if master and (step % cfg.log_every == 0 or step == total_steps):
+                now = time.time()
+                clips_per_s = (step - step_last) * B * world / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                row = {"step": step, "loss": loss.item(), "short": short.item(), "cycle": cycle.item(),
+                       "p_gt": round(p_gt, 4), "lr": lr, "clips_per_s": round(clips_per_s, 2)}
+                _append_log(log_path, row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", p_gt=f"{p_gt:.2f}", clips_s=f"{clips_per_s:.1f}")
+            if master and (step % cfg.ckpt_every == 0 or step == total_steps):
+                save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids), ckpt_path)
+    except KeyboardInterrupt:
+        if master:
+            save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids), ckpt_path)
+            bar.close()
+            print(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume")
+        if ddp:
+            dist.destroy_process_group()
+        raise SystemExit(130)
+    bar.close()
+    weights = out / "corrflow.pt"
+    if master:
+        from model import export_weights
+
+        export_weights(ckpt_path, weights)
+        print(f"done: {total_steps} steps; checkpoint {ckpt_path}, weights for propagate.py {weights}")
+    if ddp:
+        dist.destroy_process_group()
+    return weights
+
+
+def _trim_log(path: Path, step: int):
+    """On resume, drop log rows written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        if rows:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _append_log(path: Path, row: dict):
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """The CLI is built from TrainConfig: every field is a flag with the dataclass default."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=f"(default: {default})")
+        elif isinstance(default, tuple):
+            p.add_argument(flag, type=int, nargs="+", default=list(default), help=f"(default: {default})")
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=f"(default: {default!r})")
+    p.add_argument("--radius", type=int, default=ModelConfig.radius, help="attention window radius M (default: 6)")
+    args = vars(p.parse_args(argv))
+    model = ModelConfig(radius=args.pop("radius"))
+    args["lr_halve_at"] = tuple(args["lr_halve_at"])
+    return TrainConfig(model=model, **args)
+
+
+if __name__ == "__main__":
+    config = parse_args()
+    try:
+        main(config)
+    except (ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
