@@ -194,12 +194,13 @@ def main(cfg: TrainConfig) -> Path:
         centroids = state["centroids"]
     elif cfg.centroids:
         centroids = torch.load(cfg.centroids, map_location="cpu")
+    elif master:
+        centroids = fit_centroids(clips, n_clusters=cfg.num_clusters, seed=cfg.seed)  # (16, 2) of Lab (a, b)
     else:
-        centroids = fit_centroids(clips, n_clusters=cfg.num_clusters, seed=cfg.seed)
-        # every process must quantise with the same centroids
+        centroids = torch.empty(cfg.num_clusters, 2)
+    centroids = centroids.float().to(device)
     if ddp and state is None and not cfg.centroids:
-        dist.broadcast(centroids, 0)
-    centroids = centroids.to(device)
+        dist.broadcast(centroids, 0)  # every process quantises with the first one's centroids
     total_steps = cfg.steps or max(1, cfg.epochs * len(clips) // (cfg.batch_size * world))
 
     # -- model and optimiser, restored when resuming
