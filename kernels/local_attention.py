@@ -133,6 +133,24 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _tile(H, W, radius, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """This program's tile: its positions' coordinates (M,), which are inside the image, and its halo (the
+    positions within `radius` of the tile, clipped to the image) as origin, row length and size."""
+    n_tiles_w = tl.cdiv(W, TILE_W)
+    y0 = (tl.program_id(0) // n_tiles_w) * TILE_H
+    x0 = (tl.program_id(0) % n_tiles_w) * TILE_W
+    m = tl.arange(0, TILE_H * TILE_W)
+    ys = y0 + m // TILE_W
+    xs = x0 + m % TILE_W
+    inside = (ys < H) & (xs < W)
+    hy0 = tl.maximum(y0 - radius, 0)
+    hx0 = tl.maximum(x0 - radius, 0)
+    halo_w = tl.minimum(x0 + TILE_W + radius, W) - hx0
+    halo = (tl.minimum(y0 + TILE_H + radius, H) - hy0) * halo_w
+    return ys, xs, inside, hy0, hx0, halo_w, halo
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qc, stride_qh, stride_qw,
@@ -144,23 +162,12 @@ def _fwd_kernel(
     C_PAD: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(1)
-    n_tiles_w = tl.cdiv(W, TILE_W)
-    y0 = (tl.program_id(0) // n_tiles_w) * TILE_H
-    x0 = (tl.program_id(0) % n_tiles_w) * TILE_W
-    m = tl.arange(0, TILE_H * TILE_W)
-    qy = y0 + m // TILE_W  # (M,) query coordinates
-    qx = x0 + m % TILE_W
-    q_in = (qy < H) & (qx < W)
+    # (M,) query coordinates; the halo holds every reference position some query of the tile can see
+    qy, qx, q_in, hy0, hx0, halo_w, halo = _tile(H, W, radius, TILE_H, TILE_W)
     c = tl.arange(0, C_PAD)
     kk = tl.arange(0, K_PAD)
     q = tl.load(q_ptr + b * stride_qb + c[None, :] * stride_qc + qy[:, None] * stride_qh + qx[:, None] * stride_qw,
                 mask=q_in[:, None] & (c[None, :] < C), other=0.0)  # (M, C_PAD)
-
-    # the halo: every reference position some query of the tile can see
-    hy0 = tl.maximum(y0 - radius, 0)
-    hx0 = tl.maximum(x0 - radius, 0)
-    halo_w = tl.minimum(x0 + TILE_W + radius, W) - hx0
-    halo = (tl.minimum(y0 + TILE_H + radius, H) - hy0) * halo_w
 
     m_i = tl.full([TILE_H * TILE_W], float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l_i = tl.zeros([TILE_H * TILE_W], tl.float32)  # running sum of exp2(score - m_i)
@@ -210,13 +217,7 @@ def _bwd_query_kernel(
 ):
     """d(query) for one tile of queries: recompute p, then dq = sum_n p * (dO.v_n - delta) * k_n / T."""
     b = tl.program_id(1)
-    n_tiles_w = tl.cdiv(W, TILE_W)
-    y0 = (tl.program_id(0) // n_tiles_w) * TILE_H
-    x0 = (tl.program_id(0) % n_tiles_w) * TILE_W
-    m = tl.arange(0, TILE_H * TILE_W)
-    qy = y0 + m // TILE_W
-    qx = x0 + m % TILE_W
-    q_in = (qy < H) & (qx < W)
+    qy, qx, q_in, hy0, hx0, halo_w, halo = _tile(H, W, radius, TILE_H, TILE_W)
     c = tl.arange(0, C_PAD)
     kk = tl.arange(0, K_PAD)
     q = tl.load(q_ptr + b * stride_qb + c[None, :] * stride_qc + qy[:, None] * stride_qh + qx[:, None] * stride_qw,
@@ -225,11 +226,6 @@ def _bwd_query_kernel(
                  mask=q_in[:, None] & (kk[None, :] < K), other=0.0)  # (M, K_PAD)
     lse = tl.load(lse_ptr + b * H * W + qy * W + qx, mask=q_in, other=0.0)
     delta = tl.load(delta_ptr + b * H * W + qy * W + qx, mask=q_in, other=0.0)
-
-    hy0 = tl.maximum(y0 - radius, 0)
-    hx0 = tl.maximum(x0 - radius, 0)
-    halo_w = tl.minimum(x0 + TILE_W + radius, W) - hx0
-    halo = (tl.minimum(y0 + TILE_H + radius, H) - hy0) * halo_w
 
     dq = tl.zeros([TILE_H * TILE_W, C_PAD], tl.float32)
     for r in range(R):
@@ -270,13 +266,8 @@ def _bwd_ref_kernel(
     """d(refs) and d(values) for one tile of positions of reference r: walk the queries whose windows hold it."""
     b = tl.program_id(1) // R
     r = tl.program_id(1) % R
-    n_tiles_w = tl.cdiv(W, TILE_W)
-    y0 = (tl.program_id(0) // n_tiles_w) * TILE_H
-    x0 = (tl.program_id(0) % n_tiles_w) * TILE_W
-    m = tl.arange(0, TILE_H * TILE_W)
-    ky = y0 + m // TILE_W  # (M,) reference coordinates owned by this program
-    kx = x0 + m % TILE_W
-    k_in = (ky < H) & (kx < W)
+    # (M,) reference coordinates owned by this program; the halo holds every query that can see one of them
+    ky, kx, k_in, hy0, hx0, halo_w, halo = _tile(H, W, radius, TILE_H, TILE_W)
     c = tl.arange(0, C_PAD)
     kk = tl.arange(0, K_PAD)
     k_base = k_ptr + b * stride_kb + r * stride_kr
@@ -285,11 +276,6 @@ def _bwd_ref_kernel(
                 mask=k_in[:, None] & (c[None, :] < C), other=0.0)  # (M, C_PAD)
     v = tl.load(v_base + kk[None, :] * stride_vk + ky[:, None] * stride_vh + kx[:, None] * stride_vw,
                 mask=k_in[:, None] & (kk[None, :] < K), other=0.0)  # (M, K_PAD)
-
-    hy0 = tl.maximum(y0 - radius, 0)
-    hx0 = tl.maximum(x0 - radius, 0)
-    halo_w = tl.minimum(x0 + TILE_W + radius, W) - hx0
-    halo = (tl.minimum(y0 + TILE_H + radius, H) - hy0) * halo_w
 
     dk = tl.zeros([TILE_H * TILE_W, C_PAD], tl.float32)
     dv = tl.zeros([TILE_H * TILE_W, K_PAD], tl.float32)
