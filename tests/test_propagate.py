@@ -243,3 +243,20 @@ def test_overwrite_replaces_results(clip, tmp_path):
     (out / "00099.png").write_bytes(b"")  # a stale result from a longer video
     main(frames, mask, out, cfg, None, "cpu", overlay=False, overwrite=True)
     assert sorted(p.name for p in out.glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
+
+
+def test_end_to_end_with_weights_written_by_train(shared_data, clip, tmp_path):
+    """The weights train.py exports at the end of a run are what propagate.py reads."""
+    import train
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "clip.mp4").symlink_to(sorted((shared_data / "train_videos_256").glob("davis16-*.mp4"))[0])
+    centroids = tmp_path / "centroids.pt"
+    torch.save(torch.randn(16, 2) * 30, centroids)
+    weights = train.main(train.TrainConfig(data=str(videos), out=str(tmp_path / "run"), steps=1, batch_size=1,
+                                           size=32, workers=0, device="cpu", centroids=str(centroids)))
+    frames, mask = clip
+    out = tmp_path / "out"
+    main(frames, mask, out, PropagationConfig(), weights, "cpu", overlay=False)
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
