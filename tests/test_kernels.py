@@ -42,6 +42,7 @@ SHAPES = [
 ]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
 def test_triton_matches_reference(shape):
     *sizes, radius, temperature = shape
@@ -57,6 +58,7 @@ def test_triton_matches_reference(shape):
         torch.testing.assert_close(g, g_ref, atol=atol, rtol=rtol, msg=lambda m: f"d({name}): {m}")
 
 
+@pytest.mark.interpreter
 def test_triton_non_contiguous_inputs():
     B, R, C, K, H, W = 2, 2, 12, 5, 9, 14
     g = torch.Generator().manual_seed(1)
