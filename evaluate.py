@@ -266,7 +266,8 @@ def pck(pred: dict, gt: dict, alpha: float) -> float:
 
 
 def score_points(pred_dir: Path, gt_dir: Path, alphas: tuple[float, ...] = (0.1, 0.2)) -> dict[str, dict[float, tuple[int, int]]]:
-    """{sequence: {alpha: (correct, scored)}} for every ground-truth JSON in gt_dir; each needs pred_dir/<seq>.json."""
+    """{sequence: {alpha: (correct, scored)}} for every ground-truth JSON in gt_dir; each needs pred_dir/<seq>.json
+    or pred_dir/<seq>/points.json (what `propagate.py VIDEO POINTS.json --out pred_dir/<seq>` writes)."""
     gt_paths = sorted(Path(gt_dir).glob("*.json"))
     if not gt_paths:
         raise ValueError(f"no keypoint JSONs in {gt_dir}")
@@ -274,7 +275,9 @@ def score_points(pred_dir: Path, gt_dir: Path, alphas: tuple[float, ...] = (0.1,
     for gt_path in gt_paths:
         pred_path = Path(pred_dir) / gt_path.name
         if not pred_path.is_file():
-            raise ValueError(f"missing prediction {pred_path}")
+            pred_path = Path(pred_dir) / gt_path.stem / "points.json"
+        if not pred_path.is_file():
+            raise ValueError(f"missing prediction {Path(pred_dir) / gt_path.name} (or {pred_path})")
         gt, pred = json.loads(gt_path.read_text()), json.loads(pred_path.read_text())
         results[gt_path.stem] = {a: pck_counts(pred, gt, a) for a in alphas}
     return results
