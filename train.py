@@ -279,7 +279,10 @@ def main(cfg: TrainConfig) -> Path:
                 cycle = nll(p0_short, target[:, 0]) + nll(p0_long, target[:, 0])
                 loss = short + cfg.cycle_weight * cycle
 
-            if not torch.isfinite(loss):  # a CPU-GPU sync point, worth it: never step on a NaN
+            bad = (~torch.isfinite(loss.detach())).float()
+            if ddp:
+                dist.all_reduce(bad)  # every process stops together, none waits forever in the backward's all-reduce
+            if bad.item():  # a CPU-GPU sync point, worth it: never step on a NaN
                 raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}; the last good checkpoint "
                                          f"is {ckpt_path if ckpt_path.exists() else 'not written yet'}")
             optimizer.zero_grad(set_to_none=True)
