@@ -11,9 +11,10 @@ colour dropout (information bottleneck), 16-cluster cross-entropy, scheduled sam
 import argparse
 import csv
 import dataclasses
-import math
+import inspect
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -348,18 +349,20 @@ def _append_log(path: Path, row: dict):
 def parse_args(argv=None) -> TrainConfig:
     """The CLI is built from TrainConfig: every field is a flag with the dataclass default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # each flag's help is the comment on its field in TrainConfig
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(TrainConfig), re.MULTILINE))
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model":
             continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        flag, default, doc = "--" + f.name.replace("_", "-"), f.default, comments.get(f.name, "")
         if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help=f"(default: {default})")
+            p.add_argument(flag, action="store_true", help=doc)
         elif isinstance(default, tuple):
-            p.add_argument(flag, type=int, nargs="+", default=list(default), help=f"(default: {default})")
+            p.add_argument(flag, type=int, nargs="+", default=list(default), help=f"{doc} (default: {default})")
         else:
-            p.add_argument(flag, type=type(default), default=default, help=f"(default: {default!r})")
-    p.add_argument("--radius", type=int, default=ModelConfig.radius, help="attention window radius M (default: 6)")
+            p.add_argument(flag, type=type(default), default=default, help=f"{doc} (default: {default!r})")
+    p.add_argument("--radius", type=int, default=ModelConfig.radius,
+                   help=f"attention window radius M at stride 4 (CorrFlow: 6) (default: {ModelConfig.radius})")
     args = vars(p.parse_args(argv))
     model = ModelConfig(radius=args.pop("radius"))
     args["lr_halve_at"] = tuple(args["lr_halve_at"])
