@@ -25,17 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import triton
 import triton.testing
 
 import model as model_module
 import propagate as propagate_module
-from data import ClipDataset, quantise, read_frames
+from data import ClipDataset, read_frames
 from kernels import local_attention_ref
-from model import CorrFlow, copy_labels, downsample_labels
+from model import CorrFlow, copy_labels
 from propagate import Encoder, PropagationConfig, load_encoder, propagate_masks, read_mask
-from train import SeededClips, StepBatches, TrainConfig, colour_dropout, nll
+from train import SeededClips, StepBatches, TrainConfig, colour_dropout, colour_targets, nll
 
 PARTS = ("kernel", "train", "propagate")
 MiB = 2**20
@@ -260,11 +259,7 @@ def train_step(model, optimizer, batch, centroids, cfg: TrainConfig, device, bf1
     frames = batch["frames"].to(device, non_blocking=True)  # (B, 3 frames, 3, H, W)
     clean = batch["clean"].to(device, non_blocking=True)
     B = frames.shape[0]
-    with torch.no_grad():
-        target = quantise(clean.flatten(0, 1), centroids).view(B, 3, *clean.shape[-2:])  # (B, 3, H, W)
-        onehot = F.one_hot(target.flatten(0, 1), cfg.num_clusters).permute(0, 3, 1, 2).float()
-        labels = downsample_labels(onehot)  # (B*3, 16, H/4, W/4) averaged one-hots
-        labels = labels.view(B, 3, *labels.shape[1:])
+    target, labels = colour_targets(clean, centroids)  # (B, 3, H, W), (B, 3, 16, H/4, W/4)
     x, _ = colour_dropout(frames, cfg.dropout_none_p, gen)
     lap("prep")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -5,7 +5,7 @@ layers 3 and 4 at stride 1, then a 3x3 conv down to 64 feature channels. Feature
 The copy step is restricted attention: every target position attends to a (2M+1)^2 window of each reference's
 features and takes the softmax-weighted sum of the references' labels (see `kernels/local_attention.py`).
 """
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -119,6 +119,3 @@ def export_weights(src, dst):
     torch.save(small, tmp)
     tmp.replace(dst)
 
-
-def model_config_dict(config: ModelConfig) -> dict:
-    return asdict(config)

@@ -84,6 +84,17 @@ def colour_dropout(frames: torch.Tensor, none_p: float, gen: torch.Generator) ->
     return frames * (keep * 3 / (3 - k))[:, None, None], k
 
 
+@torch.no_grad()
+def colour_targets(clean: torch.Tensor, centroids: torch.Tensor) -> tuple:
+    """Un-jittered frames (B, T, 3, H, W) -> the 16-cluster class map (B, T, H, W) that the loss scores, and the
+    labels that are copied: class one-hots averaged down to stride 4, (B, T, 16, H/4, W/4)."""
+    B, T = clean.shape[:2]
+    target = quantise(clean.flatten(0, 1), centroids)  # (B*T, H, W)
+    onehot = F.one_hot(target, len(centroids)).permute(0, 3, 1, 2).float()  # (B*T, 16, H, W)
+    labels = downsample_labels(onehot)  # (B*T, 16, H/4, W/4)
+    return target.view(B, T, *target.shape[1:]), labels.view(B, T, *labels.shape[1:])
+
+
 def nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """16-cluster cross-entropy: stride-4 probabilities (B, K, h, w), upsampled to the target's (B, H, W)."""
     probs = F.interpolate(probs.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
@@ -252,11 +263,7 @@ def main(cfg: TrainConfig) -> Path:
             frames = batch["frames"].to(device, non_blocking=True)  # (B, 3 frames, 3, H, W) jittered input
             clean = batch["clean"].to(device, non_blocking=True)  # (B, 3, 3, H, W) targets come from these
             B = frames.shape[0]
-            with torch.no_grad():
-                target = quantise(clean.flatten(0, 1), centroids).view(B, 3, *clean.shape[-2:])  # (B, 3, H, W)
-                onehot = F.one_hot(target.flatten(0, 1), cfg.num_clusters).permute(0, 3, 1, 2).float()
-                labels = downsample_labels(onehot)  # (B*3, 16, H/4, W/4) averaged one-hots
-                labels = labels.view(B, 3, *labels.shape[1:])
+            target, labels = colour_targets(clean, centroids)  # (B, 3, H, W), (B, 3, 16, H/4, W/4)
 
             # 1. colour dropout: the same 1 or 2 channels zeroed for the whole batch (or none, p=0.3)
             x, _ = colour_dropout(frames, cfg.dropout_none_p, gen)
