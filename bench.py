@@ -30,11 +30,11 @@ import triton.testing
 
 import model as model_module
 import propagate as propagate_module
-from data import ClipDataset, read_frames
+from data import ClipDataset, RunBatches, read_frames
 from kernels import local_attention_ref
-from model import CorrFlow, copy_labels
+from model import CorrFlow
 from propagate import Encoder, PropagationConfig, load_encoder, propagate_masks, read_mask
-from train import SeededClips, StepBatches, TrainConfig, colour_dropout, colour_targets, nll
+from train import TrainConfig, colour_dropout, colour_targets, colourise, nll
 
 PARTS = ("kernel", "train", "propagate")
 MiB = 2**20
@@ -230,8 +230,8 @@ def load_batches(data, batch_size, size, workers, pin, n_batches):
     except ValueError as e:
         frames = torch.rand(batch_size, 3, 3, size, size)
         return {"frames": frames, "clean": frames.clone()}, None, f"synthetic frames ({e})"
-    loader = torch.utils.data.DataLoader(SeededClips(clips, 0), num_workers=workers, pin_memory=pin,
-                                         batch_sampler=StepBatches(len(clips), batch_size, 0, n_batches, 0))
+    loader = torch.utils.data.DataLoader(clips, num_workers=workers, pin_memory=pin,
+                                         batch_sampler=RunBatches(batch_size, 0, n_batches))
     t = time.perf_counter()
     it = iter(loader)
     first = next(it)
@@ -250,10 +250,6 @@ def train_step(model, optimizer, batch, centroids, cfg: TrainConfig, device, bf1
         now = time.perf_counter()
         times[name], t[0] = (now - t[0]) * 1e3, now
 
-    def copy(query, ref, labels):  # as in train.main: (B, C, h, w), (B, C, h, w), (B, K, h, w) -> (B, K, h, w)
-        return copy_labels(query, ref[:, None], labels[:, None].to(ref.dtype), cfg.model.radius,
-                           cfg.model.temperature).float()
-
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
     memory_format = torch.channels_last if bf16 else torch.contiguous_format
     frames = batch["frames"].to(device, non_blocking=True)  # (B, 3 frames, 3, H, W)
@@ -266,11 +262,7 @@ def train_step(model, optimizer, batch, centroids, cfg: TrainConfig, device, bf1
         x = x.flatten(0, 1).contiguous(memory_format=memory_format)  # (B*3, 3, H, W)
         f0, f1, f2 = model(x).view(B, 3, -1, *labels.shape[-2:]).unbind(1)  # each (B, 64, H/4, W/4)
         lap("encoder")
-        p1 = copy(f1, f0, labels[:, 0])
-        p2 = copy(f2, f1, labels[:, 1])
-        p0_short = copy(f0, f1, p1)
-        p2_own = copy(f2, f1, p1)
-        p0_long = copy(f0, f1, copy(f1, f2, p2_own))
+        p1, p2, p0_short, p0_long = colourise(f0, f1, f2, labels, True, cfg.model.radius, cfg.model.temperature)
         lap("copy")
         short = nll(p1, target[:, 1]) + nll(p2, target[:, 2])
         cycle = nll(p0_short, target[:, 0]) + nll(p0_long, target[:, 0])

@@ -1,10 +1,12 @@
 """Training data for CorrFlow: videos on disk -> random frame triplets, colour jitter, Lab colour and its quantiser.
 
 Videos are files (mp4, avi, mkv, webm, mov) or folders of JPEG/PNG frames, anywhere under a root folder (Kinetics
-layout: one folder per class). `ClipDataset` gives one sample per video per epoch: `num_frames` frames `frame_gap`
-apart from a random start, resized to size x size (aspect not kept), as `clean` targets and colour-jittered `frames`
-inputs. Frame counts are cached in `<root>/.corrflow_index.json` (or the user cache when the root is read-only), so a
-large folder is decoded once, not at every start.
+layout: one folder per class). `ClipDataset` samples clips of `num_frames` frames `frame_gap` apart, every valid
+start of every video equally likely, resized to size x size (aspect not kept), as `clean` targets and
+colour-jittered `frames` inputs; an epoch is the number of non-overlapping clips. `RunBatches` hands out the sample
+numbers of a run step by step (each sample's randomness is seeded by its number, so a resumed run or torchrun sees
+the same data). Frame counts are cached in `<root>/.corrflow_index.json` (or the user cache when the root is
+read-only), so a large folder is decoded once, not at every start.
 
 Targets are the (a, b) channels of Lab snapped to the nearest of 16 k-means centroids; `fit_centroids` fits them on
 pixels sampled from the training videos and `quantise` turns RGB frames into class index maps.
@@ -215,22 +217,29 @@ def colour_jitter(frames: torch.Tensor, strength: float = JITTER_STRENGTH,
     """Brightness, contrast, saturation and hue jitter, factors drawn independently for every frame.
 
     frames: (T, 3, H, W) in [0, 1] (any leading dims; each (3, H, W) image is one frame). torchvision's
-    ColorJitter(s, s, s, s) semantics in a fixed order: brightness multiplies by a factor in [1-s, 1+s]; contrast
-    blends with the frame's mean grey level; saturation blends with the frame's greyscale; hue rotates by up to
-    +-s turns in HSV. Returns a new tensor in [0, 1]."""
+    ColorJitter(s, s, s, s) semantics, the four operations applied in an order shuffled at every call (one order
+    for all frames of the call): brightness multiplies by a factor in [1-s, 1+s]; contrast blends with the frame's
+    mean grey level; saturation blends with the frame's greyscale; hue rotates by up to +-s turns in HSV.
+    Returns a new tensor in [0, 1]."""
     shape = frames.shape
     x = frames.reshape(-1, *shape[-3:])  # (N, 3, H, W)
     n = x.shape[0]
     # drawn on the CPU so that a CPU generator also works for frames on a GPU
     u = (torch.rand(4, n, generator=generator) * 2 - 1).to(x) * strength  # (4, N) in [-s, s]
-    brightness, contrast, saturation = (1 + u[:3]).view(3, n, 1, 1, 1)
-    x = (x * brightness).clamp(0, 1)
-    mean = _grey(x).mean(dim=(-3, -2, -1), keepdim=True)  # (N, 1, 1, 1)
-    x = (contrast * x + (1 - contrast) * mean).clamp(0, 1)
-    x = (saturation * x + (1 - saturation) * _grey(x)).clamp(0, 1)
-    hsv = _rgb_to_hsv(x)
-    hue = (hsv[:, 0] + u[3].view(n, 1, 1)) % 1.0
-    x = _hsv_to_rgb(torch.stack([hue, hsv[:, 1], hsv[:, 2]], dim=1)).clamp(0, 1)
+    order = torch.randperm(4, generator=generator).tolist()
+    factor = (1 + u[:3]).view(3, n, 1, 1, 1)
+    for op in order:
+        if op == 0:  # brightness
+            x = (x * factor[0]).clamp(0, 1)
+        elif op == 1:  # contrast
+            mean = _grey(x).mean(dim=(-3, -2, -1), keepdim=True)  # (N, 1, 1, 1)
+            x = (factor[1] * x + (1 - factor[1]) * mean).clamp(0, 1)
+        elif op == 2:  # saturation
+            x = (factor[2] * x + (1 - factor[2]) * _grey(x)).clamp(0, 1)
+        else:  # hue
+            hsv = _rgb_to_hsv(x)
+            hue = (hsv[:, 0] + u[3].view(n, 1, 1)) % 1.0
+            x = _hsv_to_rgb(torch.stack([hue, hsv[:, 1], hsv[:, 2]], dim=1)).clamp(0, 1)
     return x.reshape(shape)
 
 
@@ -286,19 +295,29 @@ def _save_index(root: Path, videos: dict) -> Optional[Path]:
 # the dataset
 
 class ClipDataset(torch.utils.data.Dataset):
-    """One random clip of `num_frames` frames `frame_gap` apart per usable video per epoch.
+    """Clips of `num_frames` frames `frame_gap` apart from the usable videos under `root`.
 
-    A sample is {"frames": (T, 3, size, size) colour-jittered input, "clean": (T, 3, size, size) the same frames
-    without jitter, from which targets are made}, float in [0, 1]. Randomness comes from torch's global RNG, so
-    torch.manual_seed makes it reproducible and DataLoader workers get their own streams.
+    Every valid start of every video is equally likely, so a 300-frame video gives 30 times the clips of a 10-frame
+    one (CorrFlow's original code makes every non-overlapping clip of every video a sample). `len()` is one epoch:
+    the number of non-overlapping clips, sum over videos of frames // span.
+
+    Item n is sample number n of a training run: its clip and its jitter are drawn with a generator seeded by
+    (seed, n), so the stream of clips depends only on the sample number, and a resumed run, or the same samples
+    split over torchrun processes, sees the same data. A sample is {"frames": (T, 3, size, size) colour-jittered
+    input, "clean": (T, 3, size, size) the same frames without jitter, from which targets are made}, float in [0, 1].
+
+    in_memory=True decodes every video once, at construction, into uint8 frames at the training size (the
+    resized frames are rounded to 8 bits), so that a fast GPU never waits on video decoding; it costs
+    3 x size^2 bytes per frame of the whole set.
     """
 
     def __init__(self, root: Union[str, Path], num_frames: int = 3, frame_gap: int = 4, size: int = 256,
-                 jitter_p: float = 0.1, cache: bool = True):
+                 jitter_p: float = 0.1, seed: int = 0, in_memory: bool = False, cache: bool = True):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"video folder not found: {self.root}")
         self.num_frames, self.frame_gap, self.size, self.jitter_p = num_frames, frame_gap, size, jitter_p
+        self.seed = seed
         self.span = (num_frames - 1) * frame_gap + 1  # frames a clip covers: 9 for CorrFlow's (0, 4, 8)
         paths = find_videos(self.root)
         cached = _load_index(self.root) if cache else {}
@@ -342,27 +361,50 @@ class ClipDataset(torch.utils.data.Dataset):
             raise ValueError(f"no usable video in {self.root}: {len(paths)} found, {len(self.skipped)} skipped "
                              f"(a clip needs {self.span} frames; extensions {', '.join(VIDEO_EXTS)} or image folders)")
         self._failed = set()  # videos that failed while sampling, warned about once per process
+        # clip starts of all videos end to end: start k of the run belongs to video bisect(ends, k)
+        self._ends = np.cumsum([n - self.span + 1 for _, n in self.videos])
+        self.frames = None
+        if in_memory:
+            self.frames = {}  # path -> (n, 3, size, size) uint8
+            for path, n in tqdm(self.videos, desc=f"decoding {self.root} into memory", unit="video"):
+                try:
+                    self.frames[path] = (self._resize(read_frames(path)) * 255).round().to(torch.uint8)
+                except VideoError as e:
+                    self._failed.add(path)
+                    warnings.warn(f"skipping a clip of {path}: {e}")
 
     def __len__(self) -> int:
-        return len(self.videos)
+        return sum(n // self.span for _, n in self.videos)
+
+    def _resize(self, frames: Iterable[np.ndarray]) -> torch.Tensor:
+        """(H, W, 3) uint8 frames -> (T, 3, size, size) float in [0, 1]."""
+        out = []
+        for frame in frames:
+            x = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
+            # aspect not kept (CorrFlow); antialias so that downscaling big frames does not alias
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+            out.append(x[0])
+        return torch.stack(out).clamp(0, 1) if out else torch.empty(0, 3, self.size, self.size)
 
     def load_clip(self, path: Path, start: int) -> torch.Tensor:
         """Frames start, start + gap, ... resized to size x size -> (T, 3, size, size) float in [0, 1]."""
         indices = range(start, start + self.span, self.frame_gap)
-        frames = []
-        for frame in read_frames(path, indices):  # decodes up to the last needed frame only
-            x = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
-            # aspect not kept (CorrFlow); antialias so that downscaling big frames does not alias
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-            frames.append(x[0])
-        if len(frames) < self.num_frames:
+        if self.frames is not None:
+            if path not in self.frames:
+                raise VideoError(f"{path} could not be decoded into memory")
+            clip = self.frames[path][indices.start:indices.stop:indices.step].float() / 255
+        else:
+            clip = self._resize(read_frames(path, indices))  # decodes up to the last needed frame only
+        if len(clip) < self.num_frames:
             raise VideoError(f"{path} ended before frame {indices[-1]}: it has fewer frames than its container says")
-        return torch.stack(frames).clamp(0, 1)  # (T, 3, size, size)
+        return clip
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, n: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(n))
         for _ in range(10):
-            path, n = self.videos[i]
-            start = int(torch.randint(0, n - self.span + 1, ()))
+            k = int(torch.randint(0, int(self._ends[-1]), (), generator=g))  # one of all clip starts
+            v = int(np.searchsorted(self._ends, k, side="right"))
+            path, start = self.videos[v][0], k - (int(self._ends[v - 1]) if v else 0)
             try:
                 clean = self.load_clip(path, start)
             except VideoError as e:
@@ -370,12 +412,28 @@ class ClipDataset(torch.utils.data.Dataset):
                 if path not in self._failed:
                     self._failed.add(path)
                     warnings.warn(f"skipping a clip of {path}: {e}")
-                i = int(torch.randint(0, len(self), ()))
                 continue
-            jitter = float(torch.rand(())) < self.jitter_p  # one coin per sample, factors per frame
-            frames = colour_jitter(clean) if jitter else clean.clone()
+            jitter = float(torch.rand((), generator=g)) < self.jitter_p  # one coin per sample, factors per frame
+            frames = colour_jitter(clean, generator=g) if jitter else clean.clone()
             return {"frames": frames, "clean": clean}
         raise RuntimeError(f"10 clips in a row failed to decode under {self.root}; see the warnings")
+
+
+class RunBatches(torch.utils.data.Sampler):
+    """Batches of sample numbers for the steps `start_step` .. `total_steps` - 1 of a run (a batch sampler for
+    ClipDataset). Step s holds the global samples s * batch_size * world ... ; under torchrun, process `rank` takes
+    its slice of each global batch."""
+
+    def __init__(self, batch_size: int, start_step: int, total_steps: int, rank: int = 0, world: int = 1):
+        self.b, self.start, self.total, self.rank, self.world = batch_size, start_step, total_steps, rank, world
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            first = (step * self.world + self.rank) * self.b
+            yield list(range(first, first + self.b))
 
 
 # -----------------------------------------------------------------------------

@@ -26,19 +26,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import ClipDataset, fit_centroids, quantise
-from model import CHECKPOINT_FORMAT, CorrFlow, ModelConfig, copy_labels, downsample_labels
+from data import ClipDataset, RunBatches, fit_centroids, quantise
+from model import (CHECKPOINT_FORMAT, CorrFlow, ModelConfig, copy_labels, downsample_labels, export_weights,
+                   load_checkpoint)
 
 
 @dataclass
 class TrainConfig:
     data: str = "kinetics/"  # folder of videos, searched recursively (video files or folders of frames)
     out: str = "runs/corrflow"  # checkpoints, the log CSV and the exported weights go here
-    steps: int = 0  # optimiser steps; 0: derived from `epochs` (one clip per video per epoch)
-    epochs: int = 10  # CorrFlow: 10 epochs of Kinetics
+    steps: int = 0  # optimiser steps; 0: derived from `epochs` or `minutes`
+    epochs: int = 10  # an epoch = the non-overlapping clips of every video (CorrFlow: 10 epochs of Kinetics)
+    minutes: float = 0.0  # wall-clock budget instead of steps: 20 steps are timed, then the step count is fixed to what fits (p(gt) and fractional lr points spread over it); saves and exports when time is up
     batch_size: int = 6  # clips per step (per process under torchrun); CorrFlow: 6
     lr: float = 2e-4  # Adam, betas (0.9, 0.999) (CorrFlow)
-    lr_halve_at: tuple = (400_000, 600_000, 800_000, 1_000_000)  # samples seen at which lr halves (CorrFlow)
+    lr_halve_at: tuple = (400_000, 600_000, 800_000, 1_000_000)  # samples seen at which lr halves (CorrFlow); values <= 1 are fractions of the run, e.g. 0.5 0.75 for a short one
     size: int = 256  # frames resized to size x size (CorrFlow: 256)
     frame_gap: int = 4  # frames 0, gap, 2*gap of a clip (CorrFlow: 4)
     jitter_p: float = 0.1  # colour jitter probability per clip (CorrFlow: 0.1)
@@ -48,6 +50,8 @@ class TrainConfig:
     cycle_weight: float = 0.1  # weight of the cycle-consistency loss (CorrFlow: 0.1)
     num_clusters: int = 16  # colour classes (CorrFlow: 16)
     centroids: str = ""  # a .pt file of (num_clusters, 2) centroids; empty: fit them on the training videos
+    init: str = ""  # start from these weights (a checkpoint train.py wrote) and their centroids; optimiser fresh
+    in_memory: bool = False  # decode every video once into memory at the training size (uint8): small sets, fast GPUs
     model: ModelConfig = field(default_factory=ModelConfig)
     device: str = "auto"  # auto | cpu | cuda
     workers: int = 4  # data loader processes
@@ -60,10 +64,11 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------- the method's parts
 
 
-def get_lr(step: int, cfg: TrainConfig, world: int = 1) -> float:
-    """CorrFlow's schedule: lr halves each time the number of samples seen passes a milestone."""
-    seen = step * cfg.batch_size * world
-    return cfg.lr * 0.5 ** sum(seen >= m for m in cfg.lr_halve_at)
+def get_lr(step: int, total_steps: int, cfg: TrainConfig, world: int = 1) -> float:
+    """CorrFlow's schedule: lr halves each time the number of samples seen passes a milestone. A milestone <= 1 is
+    a fraction of the run's samples, so that a short run decays too."""
+    seen, run = step * cfg.batch_size * world, total_steps * cfg.batch_size * world
+    return cfg.lr * 0.5 ** sum(seen >= (m * run if m <= 1 else m) for m in cfg.lr_halve_at)
 
 
 def p_ground_truth(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -95,6 +100,25 @@ def colour_targets(clean: torch.Tensor, centroids: torch.Tensor) -> tuple:
     return target.view(B, T, *target.shape[1:]), labels.view(B, T, *labels.shape[1:])
 
 
+def colourise(f0, f1, f2, labels, use_gt: bool, radius: int, temperature: float) -> tuple:
+    """The copies of one iteration, from features f0, f1, f2 (B, C, h, w) of a triplet and the stride-4 labels
+    (B, 3, 16, h, w) of its frames -> (p1, p2, p0_short, p0_long) colour probabilities (B, 16, h, w), fp32.
+
+    Short term: frame 1 from frame 0's true labels; frame 2 from frame 1's true labels if `use_gt` (scheduled
+    sampling), else from the model's own soft prediction p1 (with gradient). Cycle, on own predictions only:
+    0 -> 1 -> 0 gives p0_short, 0 -> 1 -> 2 -> 1 -> 0 gives p0_long; both should reconstruct frame 0."""
+
+    def copy(query, ref, ref_labels):  # one reference: (B, C, h, w), (B, C, h, w), (B, K, h, w) -> (B, K, h, w)
+        return copy_labels(query, ref[:, None], ref_labels[:, None].to(ref.dtype), radius, temperature).float()
+
+    p1 = copy(f1, f0, labels[:, 0])
+    p2 = copy(f2, f1, labels[:, 1] if use_gt else p1)
+    p0_short = copy(f0, f1, p1)
+    p2_own = copy(f2, f1, p1) if use_gt else p2
+    p0_long = copy(f0, f1, copy(f1, f2, p2_own))
+    return p1, p2, p0_short, p0_long
+
+
 def nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """16-cluster cross-entropy: stride-4 probabilities (B, K, h, w), upsampled to the target's (B, H, W)."""
     probs = F.interpolate(probs.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
@@ -102,46 +126,6 @@ def nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- data and checkpoints
-
-
-class SeededClips(torch.utils.data.Dataset):
-    """Sample n of the run draws its clip with torch seeded by (seed, n): the stream of clips depends only on the
-    sample number, so a resumed run, or the same samples split over torchrun processes, sees the same data."""
-
-    def __init__(self, clips: ClipDataset, seed: int):
-        self.clips, self.seed = clips, seed
-
-    def __len__(self):
-        return len(self.clips)
-
-    def __getitem__(self, item):
-        index, n = item
-        torch.manual_seed(self.seed * 1_000_003 + n)
-        return self.clips[index]
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """Batches of (video index, sample number) from `start_step` on; epoch e visits the videos in the order of a
-    permutation seeded by (seed, e). Under torchrun, process `rank` takes its slice of each global batch."""
-
-    def __init__(self, n_videos, batch_size, start_step, total_steps, seed, rank=0, world=1):
-        self.n, self.b, self.start, self.total, self.seed, self.rank, self.world = (
-            n_videos, batch_size, start_step, total_steps, seed, rank, world)
-
-    def __len__(self):
-        return self.total - self.start
-
-    def __iter__(self):
-        perms = {}
-        for step in range(self.start, self.total):
-            batch = []
-            for i in range(self.b):
-                n = (step * self.world + self.rank) * self.b + i  # global sample number
-                epoch = n // self.n
-                if epoch not in perms:
-                    perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
-                batch.append((int(perms[epoch][n % self.n]), n))
-            yield batch
 
 
 def save_atomic(obj, path: Path):
@@ -191,7 +175,8 @@ def main(cfg: TrainConfig) -> Path:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if state.get("format") != CHECKPOINT_FORMAT or "optimizer" not in state:
             raise ValueError(f"{ckpt_path}: not a CorrFlow training checkpoint")
-        keep = {k: getattr(cfg, k) for k in ("data", "out", "device", "workers", "resume", "log_every", "ckpt_every")}
+        keep = {k: getattr(cfg, k) for k in ("data", "out", "device", "workers", "resume", "log_every", "ckpt_every",
+                                             "in_memory")}
         saved = state["train_config"]
         saved["model"] = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["model"].items()})
         saved["lr_halve_at"] = tuple(saved["lr_halve_at"])
@@ -201,9 +186,13 @@ def main(cfg: TrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
 
     # -- data: clips of 3 frames `frame_gap` apart; the colour classes' centroids
-    clips = ClipDataset(cfg.data, num_frames=3, frame_gap=cfg.frame_gap, size=cfg.size, jitter_p=cfg.jitter_p)
+    clips = ClipDataset(cfg.data, num_frames=3, frame_gap=cfg.frame_gap, size=cfg.size, jitter_p=cfg.jitter_p,
+                        seed=cfg.seed, in_memory=cfg.in_memory)
+    init = None if state is not None or not cfg.init else load_checkpoint(cfg.init)
     if state is not None:
         centroids = state["centroids"]
+    elif init is not None:
+        centroids = init[1]
     elif cfg.centroids:
         centroids = torch.load(cfg.centroids, map_location="cpu")
     elif master:
@@ -211,14 +200,21 @@ def main(cfg: TrainConfig) -> Path:
     else:
         centroids = torch.empty(cfg.num_clusters, 2)
     centroids = centroids.float().to(device)
-    if ddp and state is None and not cfg.centroids:
+    if ddp and state is None and not cfg.centroids and init is None:
         dist.broadcast(centroids, 0)  # every process quantises with the first one's centroids
-    total_steps = cfg.steps or max(1, cfg.epochs * len(clips) // (cfg.batch_size * world))
+    # with --minutes the step count is fixed after CALIBRATION_STEPS (below); until then the schedules stay at
+    # their start (no lr milestone is reached, p(gt) stays at p_gt_start)
+    if cfg.minutes > 0 and cfg.steps:
+        raise ValueError("give --steps or --minutes, not both")
+    timed = cfg.minutes > 0
+    total_steps = cfg.steps or (10**9 if timed else max(1, cfg.epochs * len(clips) // (cfg.batch_size * world)))
 
     # -- model and optimiser, restored when resuming
     model = CorrFlow(cfg.model).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     step = 0
+    if init is not None:
+        model.load_state_dict(init[0].state_dict())
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -236,8 +232,8 @@ def main(cfg: TrainConfig) -> Path:
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
         raw_model = model.module
-    sampler = StepBatches(len(clips), cfg.batch_size, step, total_steps, cfg.seed, rank, world)
-    loader = torch.utils.data.DataLoader(SeededClips(clips, cfg.seed), batch_sampler=sampler,
+    sampler = RunBatches(cfg.batch_size, step, total_steps, rank, world)
+    loader = torch.utils.data.DataLoader(clips, batch_sampler=sampler,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=False)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -245,18 +241,32 @@ def main(cfg: TrainConfig) -> Path:
     log_path = out / "log.csv"
     if master:
         _trim_log(log_path, step)
-    radius, temp = cfg.model.radius, cfg.model.temperature
-
-    def copy(query, ref, labels):  # one reference: (B, C, h, w), (B, C, h, w), (B, K, h, w) -> (B, K, h, w)
-        return copy_labels(query, ref[:, None], labels[:, None].to(ref.dtype), radius, temp).float()
 
     # -- the loop
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not master, desc="train", unit="step")
-    t_last, step_last = time.time(), step
+    bar = tqdm(total=None if timed else total_steps, initial=step, disable=not master, desc="train", unit="step")
+    t_start = t_last = t_ready = time.time()
+    step_first = step_last = step
+    waited = 0.0
+    deadline = t_start + 60 * cfg.minutes if timed else None
     try:
         for batch in loader:
-            lr = get_lr(step, cfg, world)
+            waited += time.time() - t_ready  # time the step waited for the loader
+            if timed and step - step_first == CALIBRATION_STEPS:  # fix the run's length from the speed so far
+                total_steps = _steps_that_fit(step, step - step_first, time.time() - t_start, deadline - time.time(),
+                                              ddp, device)
+                cfg = dataclasses.replace(cfg, steps=total_steps, minutes=0)  # saved: --resume keeps this schedule
+                bar.total = total_steps
+                if master:
+                    print(f"\n{CALIBRATION_STEPS} steps took {time.time() - t_start:.0f} s: the run will take {total_steps} steps")
+            if step >= total_steps:
+                break
+            if deadline is not None and _past(deadline, ddp, device):
+                if cfg.minutes:  # the budget ran out before the run's length was fixed: it ends here
+                    total_steps = step
+                    cfg = dataclasses.replace(cfg, steps=total_steps, minutes=0)
+                break
+            lr = get_lr(step, total_steps, cfg, world)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # same draws on every process
@@ -273,17 +283,13 @@ def main(cfg: TrainConfig) -> Path:
                 f0, f1, f2 = model(x).view(B, 3, -1, *labels.shape[-2:]).unbind(1)  # each (B, 64, H/4, W/4)
 
                 # 2. short-term colourisation, 0 -> 1 from true labels, 1 -> 2 with 3. scheduled sampling:
-                #    true labels of frame 1 with probability p_gt, else the model's own soft prediction (with grad)
-                p_gt = p_ground_truth(step, total_steps, cfg)
-                p1 = copy(f1, f0, labels[:, 0])  # (B, 16, H/4, W/4)
-                use_gt = bool(torch.rand((), generator=gen) < p_gt)
-                p2 = copy(f2, f1, labels[:, 1] if use_gt else p1)
-                short = nll(p1, target[:, 1]) + nll(p2, target[:, 2])
-
+                #    true labels of frame 1 with probability p_gt, else the model's own soft prediction (with grad);
                 # 4. cycle consistency on own predictions: 0 -> 1 -> 0 and 0 -> 1 -> 2 -> 1 -> 0 reconstruct frame 0
-                p0_short = copy(f0, f1, p1)
-                p2_own = copy(f2, f1, p1) if use_gt else p2
-                p0_long = copy(f0, f1, copy(f1, f2, p2_own))
+                p_gt = p_ground_truth(step, total_steps, cfg)
+                use_gt = bool(torch.rand((), generator=gen) < p_gt)
+                p1, p2, p0_short, p0_long = colourise(f0, f1, f2, labels, use_gt, cfg.model.radius,
+                                                      cfg.model.temperature)  # each (B, 16, H/4, W/4)
+                short = nll(p1, target[:, 1]) + nll(p2, target[:, 2])  # 16-cluster cross-entropy
                 cycle = nll(p0_short, target[:, 0]) + nll(p0_long, target[:, 0])
                 loss = short + cfg.cycle_weight * cycle
 
@@ -302,13 +308,17 @@ def main(cfg: TrainConfig) -> Path:
             if master and (step % cfg.log_every == 0 or step == total_steps):
                 now = time.time()
                 clips_per_s = (step - step_last) * B * world / max(now - t_last, 1e-9)
-                t_last, step_last = now, step
+                # data_wait: share of the time spent waiting for the loader; near 0 when it keeps up
                 row = {"step": step, "loss": loss.item(), "short": short.item(), "cycle": cycle.item(),
-                       "p_gt": round(p_gt, 4), "lr": lr, "clips_per_s": round(clips_per_s, 2)}
+                       "p_gt": round(p_gt, 4), "lr": lr, "clips_per_s": round(clips_per_s, 2),
+                       "data_wait": round(waited / max(now - t_last, 1e-9), 3)}
+                t_last, step_last, waited = now, step, 0.0
                 _append_log(log_path, row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", p_gt=f"{p_gt:.2f}", clips_s=f"{clips_per_s:.1f}")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", p_gt=f"{p_gt:.2f}", clips_s=f"{clips_per_s:.1f}",
+                                wait=f"{row['data_wait']:.0%}")
             if master and (step % cfg.ckpt_every == 0 or step == total_steps):
                 save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids), ckpt_path)
+            t_ready = time.time()
     except KeyboardInterrupt:
         if master:
             save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids), ckpt_path)
@@ -320,13 +330,34 @@ def main(cfg: TrainConfig) -> Path:
     bar.close()
     weights = out / "corrflow.pt"
     if master:
-        from model import export_weights
-
+        if step < total_steps:  # the time budget ran out before the planned steps
+            print(f"time budget of {(deadline - t_start) / 60:.1f} min spent at step {step} of {total_steps}")
+        save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids), ckpt_path)
         export_weights(ckpt_path, weights)
-        print(f"done: {total_steps} steps; checkpoint {ckpt_path}, weights for propagate.py {weights}")
+        print(f"done: {step} steps; checkpoint {ckpt_path}, weights for propagate.py {weights}")
     if ddp:
         dist.destroy_process_group()
     return weights
+
+
+CALIBRATION_STEPS = 20  # --minutes: steps timed before the run's length is fixed
+
+
+def _steps_that_fit(step: int, done: int, spent: float, left: float, ddp: bool, device: torch.device) -> int:
+    """--minutes: the total step count that fits in the budget at the speed of the `done` steps so far (the
+    first includes start-up, so this errs short); under torchrun the first process decides for all."""
+    total = torch.tensor(step + int(0.97 * max(left, 0.0) * done / max(spent, 1e-9)), device=device)
+    if ddp:
+        dist.broadcast(total, 0)
+    return max(step + 1, int(total))
+
+
+def _past(deadline: float, ddp: bool, device: torch.device) -> bool:
+    """Whether the time budget is spent; under torchrun, for every process as soon as for one (they stop together)."""
+    late = torch.tensor(float(time.time() > deadline), device=device)
+    if ddp:
+        dist.all_reduce(late, op=dist.ReduceOp.MAX)
+    return bool(late.item())
 
 
 def _trim_log(path: Path, step: int):
@@ -365,7 +396,7 @@ def parse_args(argv=None) -> TrainConfig:
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", help=doc)
         elif isinstance(default, tuple):
-            p.add_argument(flag, type=int, nargs="+", default=list(default), help=f"{doc} (default: {default})")
+            p.add_argument(flag, type=float, nargs="+", default=list(default), help=f"{doc} (default: {default})")
         else:
             p.add_argument(flag, type=type(default), default=default, help=f"{doc} (default: {default!r})")
     p.add_argument("--radius", type=int, default=ModelConfig.radius,

@@ -8,6 +8,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 import data
@@ -147,28 +148,64 @@ def test_dataset_skips_bad_videos_and_samples_clips(clip_folder):
     assert len(messages) == 2
     assert any("x.mp4" in m for m in messages) and any("short.mp4" in m and "3 frames" in m for m in messages)
     assert sorted(p.name for p, _ in ds.skipped) == ["short.mp4", "x.mp4"]
-    assert len(ds) == 2 and sorted(p.name for p, _ in ds.videos) == sorted(GOOD_CLIPS)
-    torch.manual_seed(0)
+    assert sorted(p.name for p, _ in ds.videos) == sorted(GOOD_CLIPS)
+    assert len(ds) == 35 // 9 + 36 // 9  # an epoch: the non-overlapping clips of every video
     sample = ds[0]
     assert sample["frames"].shape == sample["clean"].shape == (3, 3, 64, 64)
     assert sample["clean"].dtype == torch.float32 and 0 <= sample["clean"].min() and sample["clean"].max() <= 1
     assert torch.equal(sample["frames"], sample["clean"])  # jitter_p = 0: no jitter
-    torch.manual_seed(0)
+    # sample n depends on (seed, n) only: not on the global RNG, the instance or the order of requests
+    torch.manual_seed(123)
     assert torch.equal(data.ClipDataset(clip_folder, size=64, jitter_p=0.0)[0]["clean"], sample["clean"])
+    other = data.ClipDataset(clip_folder, size=64, jitter_p=0.0, seed=1)
+    assert not all(torch.equal(other[n]["clean"], ds[n]["clean"]) for n in range(3))
+
+
+def test_every_clip_start_is_equally_likely(tmp_path, monkeypatch):
+    write_video(tmp_path / "short.mp4", 12)  # 4 starts of a 9-frame clip
+    write_video(tmp_path / "long.mp4", 40)  # 32 starts
+    ds = data.ClipDataset(tmp_path, size=16, jitter_p=0.0)
+    drawn = []
+    monkeypatch.setattr(ds, "load_clip", lambda path, start: drawn.append((path.name, start)) or torch.zeros(3, 3, 16, 16))
+    for n in range(3000):
+        ds[n]
+    assert len(ds) == 12 // 9 + 40 // 9
+    assert set(drawn) == {("short.mp4", s) for s in range(4)} | {("long.mp4", s) for s in range(32)}
+    share = sum(name == "short.mp4" for name, _ in drawn) / len(drawn)
+    assert abs(share - 4 / 36) < 0.02, share  # by starts, not one video in two
+
+
+def test_run_batches_split_global_batches():
+    one = list(data.RunBatches(4, 2, 5))
+    assert one == [[8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18, 19]] and len(data.RunBatches(4, 2, 5)) == 3
+    halves = [list(data.RunBatches(2, 2, 5, rank=r, world=2)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == one  # the same samples over two processes
+
+
+@pytest.mark.filterwarnings("ignore:skipping")
+def test_in_memory_clips_match_decoded_ones(clip_folder):
+    decoded = data.ClipDataset(clip_folder, size=32, jitter_p=0.5)
+    memory = data.ClipDataset(clip_folder, size=32, jitter_p=0.5, in_memory=True)
+    assert set(memory.frames) == {p for p, _ in decoded.videos}
+    for n in range(4):
+        a, b = decoded[n], memory[n]
+        assert_close(b["clean"], a["clean"], atol=0.5 / 255 + 1e-6, rtol=0)  # rounded to 8 bits
+        assert_close(b["frames"], a["frames"], atol=0.05, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore:skipping")
 def test_dataset_jitter_and_frame_gap(clip_folder):
-    ds = data.ClipDataset(clip_folder, num_frames=2, frame_gap=1, size=32, jitter_p=1.0)
-    assert ds.span == 2
-    torch.manual_seed(0)
+    ds = data.ClipDataset(clip_folder, num_frames=2, frame_gap=3, size=32, jitter_p=1.0)
+    assert ds.span == 4
     sample = ds[1]
     assert sample["frames"].shape == (2, 3, 32, 32)
     assert not torch.equal(sample["frames"], sample["clean"]) and 0 <= sample["frames"].min() <= 1
-    # the clip is what read_frames gives for its indices, resized
-    torch.manual_seed(0)
-    start = int(torch.randint(0, ds.videos[1][1] - ds.span + 1, ()))
-    assert torch.equal(ds.load_clip(ds.videos[1][0], start), sample["clean"])
+    # a clip is what read_frames gives for its indices, resized
+    path = ds.videos[1][0]
+    frames = list(data.read_frames(path, [5, 8]))
+    expected = torch.stack([F.interpolate(torch.from_numpy(f).permute(2, 0, 1)[None].float() / 255, size=(32, 32),
+                                          mode="bilinear", align_corners=False, antialias=True)[0] for f in frames])
+    assert_close(ds.load_clip(path, 5), expected.clamp(0, 1), atol=0, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore:skipping")
@@ -182,14 +219,13 @@ def test_dataset_survives_a_video_failing_mid_training(clip_folder, monkeypatch)
         return real_read(path, indices)
 
     monkeypatch.setattr(data, "read_frames", read)
-    torch.manual_seed(0)
     with pytest.warns(UserWarning, match=broken.name):
-        sample = ds[0]
-    assert sample["clean"].shape == (3, 3, 32, 32)
+        samples = [ds[n] for n in range(20)]  # some of these draw the broken video
+    assert all(s["clean"].shape == (3, 3, 32, 32) for s in samples)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
-        for _ in range(3):
-            ds[0]
+        for n in range(20):
+            ds[n]
 
 
 @pytest.mark.filterwarnings("ignore:skipping")
@@ -206,7 +242,7 @@ def test_index_is_cached(clip_folder, monkeypatch):
     # a changed file is looked at again, the others are not
     write_video(clip_folder / "bad" / "short.mp4", 12)
     monkeypatch.setattr(data, "count_frames", lambda path: 12)
-    assert len(data.ClipDataset(clip_folder, size=32)) == 3
+    assert len(data.ClipDataset(clip_folder, size=32).videos) == 3
 
 
 def test_index_falls_back_to_user_cache(tmp_path, monkeypatch):
@@ -217,10 +253,10 @@ def test_index_falls_back_to_user_cache(tmp_path, monkeypatch):
     root.chmod(0o555)
     try:
         ds = data.ClipDataset(root, size=32)
-        assert len(ds) == 1 and not (root / data.INDEX_NAME).exists()
+        assert len(ds.videos) == 1 and not (root / data.INDEX_NAME).exists()
         assert ds.index_file.parent == tmp_path / "cache" / "corrflow" and ds.index_file.exists()
         monkeypatch.setattr(data, "count_frames", lambda path: pytest.fail("index not reused"))
-        assert len(data.ClipDataset(root, size=32)) == 1
+        assert len(data.ClipDataset(root, size=32).videos) == 1
     finally:
         root.chmod(0o755)
 

@@ -3,6 +3,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -26,11 +27,18 @@ def test_p_ground_truth_schedule():
 
 
 def test_lr_halves_at_samples_seen():
-    cfg = TrainConfig(batch_size=6)
-    assert get_lr(0, cfg) == 2e-4
-    assert get_lr(400_000 // 6 + 1, cfg) == 1e-4
-    assert get_lr(1_000_000 // 6 + 1, cfg) == pytest.approx(2e-4 / 16)
-    assert get_lr(400_000 // 12 + 1, cfg, world=2) == 1e-4  # samples counted over all processes
+    cfg, total = TrainConfig(batch_size=6), 10**6
+    assert get_lr(0, total, cfg) == 2e-4
+    assert get_lr(400_000 // 6 + 1, total, cfg) == 1e-4
+    assert get_lr(1_000_000 // 6 + 1, total, cfg) == pytest.approx(2e-4 / 16)
+    assert get_lr(400_000 // 12 + 1, total, cfg, world=2) == 1e-4  # samples counted over all processes
+    assert get_lr(999, 1000, cfg) == 2e-4  # a short run never reaches the paper's milestones
+
+
+def test_lr_milestones_as_fractions_of_the_run():
+    cfg = TrainConfig(batch_size=6, lr_halve_at=(0.5, 0.75))
+    assert [get_lr(s, 100, cfg) for s in (0, 49, 50, 74, 75, 99)] == [2e-4, 2e-4, 1e-4, 1e-4, 5e-5, 5e-5]
+    assert get_lr(50, 100, cfg, world=2) == 1e-4  # the same fraction whatever the number of processes
 
 
 def test_colour_dropout_statistics():
@@ -62,8 +70,9 @@ def clip_folder(shared_data, tmp_path):
 
 
 def small_config(folder, centroids, out, **kw):
-    return TrainConfig(data=str(folder), out=str(out), centroids=str(centroids), size=64, batch_size=2,
-                       workers=0, device="cpu", log_every=1, ckpt_every=1000, **kw)
+    settings = dict(data=str(folder), out=str(out), centroids=str(centroids), size=64, batch_size=2,
+                    workers=0, device="cpu", log_every=1, ckpt_every=1000)
+    return TrainConfig(**{**settings, **kw})
 
 
 def read_log(out):
@@ -137,6 +146,46 @@ def test_ddp_two_processes_equal_one_process(clip_folder, tmp_path):
                                    msg=lambda m: f"parameter {i}: {m}")
     loss_a, loss_b = (float(read_log(tmp_path / d)[0]["loss"]) for d in ("one", "two"))
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
+
+
+def test_minutes_fixes_the_run_length_from_the_first_steps(clip_folder, tmp_path, monkeypatch, capsys):
+    folder, centroids = clip_folder
+    monkeypatch.setattr(train, "CALIBRATION_STEPS", 3)
+    cfg = small_config(folder, centroids, tmp_path / "run", minutes=0.2, log_every=1)
+    t = time.time()
+    weights = train.main(cfg)
+    took = time.time() - t
+    ckpt = torch.load(Path(cfg.out) / "ckpt.pt", weights_only=False)
+    planned, done = ckpt["train_config"]["steps"], ckpt["step"]
+    assert ckpt["train_config"]["minutes"] == 0 and planned > 3  # saved: --resume continues this schedule
+    assert weights.is_file() and took < 12 + 15, took  # the budget plus start-up and the export
+    # planned from the speed of the first steps; a machine that slows down later stops at the budget instead
+    assert done == planned or (done < planned and "time budget" in capsys.readouterr().out)
+    rows = read_log(cfg.out)
+    assert [int(r["step"]) for r in rows] == list(range(1, done + 1))
+    # p(gt) is spread over the planned steps: it falls from p_gt_start towards p_gt_end at the last one
+    for r in rows[3:]:
+        assert float(r["p_gt"]) == pytest.approx(train.p_ground_truth(int(r["step"]) - 1, planned, cfg), abs=1e-4)
+    assert all(0 <= float(r["data_wait"]) <= 1 for r in rows)
+
+
+def test_steps_and_minutes_together_are_refused(clip_folder, tmp_path):
+    folder, centroids = clip_folder
+    with pytest.raises(ValueError, match="--steps or --minutes"):
+        train.main(small_config(folder, centroids, tmp_path / "run", steps=3, minutes=1))
+
+
+def test_init_starts_from_exported_weights_and_their_centroids(clip_folder, tmp_path):
+    folder, centroids = clip_folder
+    first = train.main(small_config(folder, centroids, tmp_path / "first", steps=2))
+    cfg = small_config(folder, "", tmp_path / "second", steps=1, lr=0.0, init=str(first))
+    train.main(cfg)
+    a = torch.load(first, weights_only=False)
+    b = torch.load(Path(cfg.out) / "ckpt.pt", weights_only=False)
+    assert torch.equal(b["centroids"], a["centroids"])
+    for name, value in a["model"].items():
+        if "running" not in name and "num_batches" not in name:  # lr 0: weights stay; BN statistics move
+            torch.testing.assert_close(b["model"][name], value.float(), atol=0, rtol=0, msg=name)
 
 
 def test_non_finite_loss_stops_with_checkpoint_intact(clip_folder, tmp_path, monkeypatch):
