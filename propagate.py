@@ -46,7 +46,7 @@ class PropagationConfig:
     temperature: Optional[float] = None  # softmax temperature; None: the features' own (model 1.0, lab 0.001)
     use_first: bool = True  # the first frame and its true labels stay a reference throughout (CorrFlow: no)
     num_recent: int = 3  # N most recent frames, with their predicted labels, as references (CorrFlow: 1)
-    soft_labels: bool = True  # feed back probabilities; False: one-hot of the argmax (CorrFlow)
+    soft_labels: bool = True  # feed back probabilities; False: the argmax at full resolution, as stride-4 one-hots (CorrFlow)
 
 
 PROTOCOLS = {
@@ -84,19 +84,23 @@ class Encoder:
         return torch.cat([2 * feats, torch.ones_like(sq)], 1), torch.cat([feats, -sq], 1)  # (B, C+1, H/4, W/4)
 
 
+LAB_LIGHTNESS_WEIGHT = 1.0  # lightness against colour in `lab_features`: the best of a grid on DAVIS (README)
+LAB_TEMPERATURE = 0.001  # ... and the softmax temperature of the squared distances, from the same grid
+
+
 def lab_features(rgb: torch.Tensor) -> torch.Tensor:
-    """RGB (B, 3, H, W) -> Lab averaged over 4x4 cells, scaled to about [-1, 1]: (L/50 - 1, a/128, b/128)."""
+    """RGB (B, 3, H, W) -> Lab averaged over 4x4 cells as (w L/100, a/128, b/128), w = LAB_LIGHTNESS_WEIGHT: one
+    unit of L weighs as much as one unit of a or b when w = 128/100."""
     lab = rgb_to_lab(rgb)  # (B, 3, H, W): L in [0, 100], a and b in about [-128, 127]
-    scale = torch.tensor([1 / 50, 1 / 128, 1 / 128], device=rgb.device).view(1, 3, 1, 1)
-    shift = torch.tensor([-1.0, 0.0, 0.0], device=rgb.device).view(1, 3, 1, 1)
-    return F.avg_pool2d(lab * scale + shift, STRIDE)  # (B, 3, H/4, W/4)
+    scale = torch.tensor([LAB_LIGHTNESS_WEIGHT / 100, 1 / 128, 1 / 128], device=rgb.device).view(1, 3, 1, 1)
+    return F.avg_pool2d(lab * scale, STRIDE)  # (B, 3, H/4, W/4)
 
 
 def load_encoder(checkpoint: Optional[str | Path], features: Optional[str], device: torch.device) -> Encoder:
     """The feature extractor: "model" (CorrFlow weights from `checkpoint`, None for the shipped one) or "lab"."""
     features = features or "model"
     if features == "lab":
-        return Encoder(lab_features, squared_distance=True, temperature=0.001)
+        return Encoder(lab_features, squared_distance=True, temperature=LAB_TEMPERATURE)
     if features != "model":
         raise ValueError(f"unknown features '{features}' (choose model or lab)")
     if checkpoint is None or Path(checkpoint) == DEFAULT_CHECKPOINT:
@@ -143,11 +147,18 @@ def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: to
         ref_keys = torch.stack([k for k, _ in refs], 1)  # (1, R, C, h, w)
         ref_labels = torch.stack([v for _, v in refs], 1)  # (1, R, K, h, w)
         probs = local_attention(query, ref_keys, ref_labels, cfg.radius, temperature)  # (1, K, h, w)
-        if not cfg.soft_labels:
-            probs = F.one_hot(probs.argmax(1), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
         if cfg.num_recent > 0:
-            recent.append((key, probs))
+            recent.append((key, probs if cfg.soft_labels else hard_labels(probs)))
         yield probs
+
+
+def hard_labels(probs: torch.Tensor) -> torch.Tensor:
+    """What the paper's protocol feeds back: the soft output (1, K, h, w) upsampled to full resolution, its argmax
+    there, and that hard map's one-hot averaged back down to stride 4 (soft only at the object borders, like the
+    first frame's labels) -> (1, K, h, w)."""
+    full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)  # (1, K, H', W')
+    one_hot = F.one_hot(full.argmax(1), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    return downsample_labels(one_hot)
 
 
 def object_ids(mask: np.ndarray) -> np.ndarray:
