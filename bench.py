@@ -296,7 +296,7 @@ def encoder_ms(model, n_frames, size, device, bf16) -> float:
 def bench_train(device, dtypes, quick, data, workers) -> list:
     cuda = device.type == "cuda"
     if cuda:  # (clips per step, frame size); (warm-up steps, timed steps, loader batches)
-        shapes, (warmup, reps, n_batches) = [(6, 256), (32, 256)][:2 - quick], (2, 3, 4) if quick else (3, 10, 12)
+        shapes, (warmup, reps, n_batches) = [(6, 256), (48, 256)][:2 - quick], (2, 3, 4) if quick else (3, 10, 12)
     else:  # one to two minutes on 2 cores
         shapes = [(2, 128), (6, 128)][:2 - quick]
         warmup, reps, n_batches = (1, 1, 2) if quick else (1, 2, 3)
