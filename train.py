@@ -278,7 +278,8 @@ def main(cfg: TrainConfig) -> Path:
             # 1. colour dropout: the same 1 or 2 channels zeroed for the whole batch (or none, p=0.3)
             x, _ = colour_dropout(frames, cfg.dropout_none_p, gen)
             with autocast:
-                # each frame encoded once per iteration; every copy below reuses these features
+                # each frame encoded once per iteration and every copy below reuses these features (the original
+                # re-encodes per copy; one difference: BatchNorm's batch statistics here pool all three frames)
                 x = x.flatten(0, 1).contiguous(memory_format=memory_format)  # (B*3, 3, H, W)
                 f0, f1, f2 = model(x).view(B, 3, -1, *labels.shape[-2:]).unbind(1)  # each (B, 64, H/4, W/4)
 
