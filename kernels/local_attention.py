@@ -317,14 +317,36 @@ def _launch_args(query, refs, values, out, radius, temperature):
     return strides, (R, C, K, H, W, radius, LOG2E / temperature), meta, grid
 
 
+# The launches as (kernel, grid, args, meta) tuples: the op runs them, and `kernels/compile_check.py` compiles
+# exactly what they would compile (the argument specialisation comes from the same arguments).
+def _fwd_launches(query, refs, values, out, lse, radius, temperature):
+    strides, sizes, meta, grid = _launch_args(query, refs, values, out, radius, temperature)
+    return [(_fwd_kernel, grid, (query, refs, values, out, lse, *strides, *sizes), meta)]
+
+
+def _bwd_launches(query, refs, values, grad_out, lse, delta, d_query, d_refs, d_values, radius, temperature):
+    """d(query) when d_query is given; d(refs) and d(values) when d_refs and d_values are given."""
+    B, R = refs.shape[:2]
+    strides, sizes, meta, grid = _launch_args(query, refs, values, grad_out, radius, temperature)
+    sizes = (*sizes, 1.0 / temperature)
+    launches = []
+    if d_query is not None:
+        launches.append((_bwd_query_kernel, grid, (query, refs, values, grad_out, lse, delta, d_query,
+                                                   *strides, *sizes), meta))
+    if d_refs is not None:
+        launches.append((_bwd_ref_kernel, (grid[0], B * R), (query, refs, values, grad_out, lse, delta, d_refs,
+                                                             d_values, *strides, *sizes), meta))
+    return launches
+
+
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, refs, values, radius, temperature):
         B, C, H, W = query.shape
         out = torch.empty(B, values.shape[2], H, W, device=query.device, dtype=query.dtype)
         lse = torch.empty(B, H, W, device=query.device, dtype=torch.float32)
-        strides, sizes, meta, grid = _launch_args(query, refs, values, out, radius, temperature)
-        _fwd_kernel[grid](query, refs, values, out, lse, *strides, *sizes, **meta)
+        for kernel, grid, args, meta in _fwd_launches(query, refs, values, out, lse, radius, temperature):
+            kernel[grid](*args, **meta)
         ctx.save_for_backward(query, refs, values, out, lse)
         ctx.radius, ctx.temperature = radius, temperature
         return out
@@ -332,19 +354,16 @@ class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         query, refs, values, out, lse = ctx.saved_tensors
-        B, R = refs.shape[:2]
         delta = (grad_out.float() * out.float()).sum(1)  # (B, H, W): sum_k dO * O, the softmax correction
-        strides, sizes, meta, grid = _launch_args(query, refs, values, grad_out, ctx.radius, ctx.temperature)
-        sizes = (*sizes, 1.0 / ctx.temperature)
         d_query = d_refs = d_values = None
         if ctx.needs_input_grad[0]:
             d_query = torch.empty(query.shape, device=query.device, dtype=query.dtype)
-            _bwd_query_kernel[grid](query, refs, values, grad_out, lse, delta, d_query, *strides, *sizes, **meta)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             d_refs = torch.empty(refs.shape, device=refs.device, dtype=refs.dtype)
             d_values = torch.empty(values.shape, device=values.device, dtype=values.dtype)
-            _bwd_ref_kernel[(grid[0], B * R)](query, refs, values, grad_out, lse, delta, d_refs, d_values,
-                                              *strides, *sizes, **meta)
+        for kernel, grid, args, meta in _bwd_launches(query, refs, values, grad_out, lse, delta, d_query, d_refs,
+                                                      d_values, ctx.radius, ctx.temperature):
+            kernel[grid](*args, **meta)
         return d_query, d_refs, d_values, None, None
 
 
