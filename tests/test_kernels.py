@@ -158,8 +158,12 @@ def test_bad_arguments_raise_value_error(fn):
 # ---------------------------------------------------------------------------------------------- GPU only
 
 
+# the shapes above plus the training and propagation cases' channels (kernels/compile_check.py compiles these too)
+GPU_SHAPES = SHAPES + [(4, 1, 64, 16, 64, 64, 6, 1.0), (1, 4, 64, 8, 30, 54, 12, 1.0)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", SHAPES + [(4, 1, 64, 16, 64, 64, 6, 1.0), (1, 4, 64, 8, 30, 54, 12, 1.0)])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=[str(s) for s in GPU_SHAPES])
 def test_gpu_fp32_matches_reference(shape):
     """fp32 on a GPU: the kernels' dots run in 3xTF32 (each operand as a TF32 head plus a TF32 tail, three
     tensor-core products: about 22 of fp32's 24 mantissa bits per product, accumulation in fp32), the reference in
