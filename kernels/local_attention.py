@@ -110,8 +110,10 @@ def local_attention_ref(query, refs, values, radius, temperature=1.0):
 # Fused Triton path.
 #
 # Supported: any B, C, K, R, H, W >= 1 and radius >= 0; fp32, fp16 and bf16 inputs (all three the same dtype),
-# arbitrary strides (no copies are made). Scores, softmax statistics and sums accumulate in fp32; fp32 inputs use
-# exact fp32 products (input_precision="ieee"), not TF32. Gradients for query, refs and values.
+# arbitrary strides (no copies are made). Scores, softmax statistics and sums accumulate in fp32. fp32 inputs use
+# 3xTF32 products on a GPU (input_precision="tf32x3": each operand split into a TF32 head and tail, three
+# tensor-core products; close to fp32, see `_precision`) and exact fp32 in the CPU interpreter. Gradients for query,
+# refs and values.
 #
 # Tiling. A program owns a TILE_H x TILE_W tile of query positions of one batch element. The union of the windows
 # of its queries is the tile grown by `radius` on each side, clipped to the image (the "halo"). The program walks
@@ -124,11 +126,29 @@ def local_attention_ref(query, refs, values, radius, temperature=1.0):
 # else. One kernel recomputes the scores per query tile and accumulates d(query); a second kernel owns a tile of
 # reference positions and walks the halo of *queries* that can see it (the window relation is symmetric), so
 # d(refs) and d(values) are accumulated without atomics: deterministic.
+#
+# Tile shapes (`CONFIGS`), chosen so that no kernel spills registers on sm_80 or sm_90 (`python -m
+# kernels.compile_check` compiles every launch for both and fails on a spill):
+# - 16-bit inputs: 8x8 query tiles (64 rows: a whole warpgroup MMA on sm_90), halo chunks of 32 positions.
+# - fp32 inputs: 4x8 tiles, chunks of 16. The 3xTF32 dot keeps each operand and its TF32 head and tail in registers,
+#   and with all C = 64 channels of the queries and of a chunk of keys live at once, wider chunks or taller tiles
+#   spill on one target or the other. (Exact fp32, "ieee", compiles to an FMA loop that spills 11-19 KB per thread
+#   at 8x8 tiles with chunks of 64.)
+# Short chunks waste less in the last chunk of each halo, and smaller tiles see more of their halo: BENCHMARKS.md
+# gives the fraction of computed scores that fall inside a window.
 # --------------------------------------------------------------------------------------------------------------
 import triton
 import triton.language as tl
 
-TILE_H, TILE_W, BLOCK_N = 8, 8, 64  # 64 queries per program; halo chunks of 64 positions
+# tile and chunk shape per input dtype: (TILE_H, TILE_W) query positions per program, BLOCK_N halo positions per chunk
+CONFIGS = {
+    torch.float32: dict(TILE_H=4, TILE_W=8, BLOCK_N=16),
+    torch.float16: dict(TILE_H=8, TILE_W=8, BLOCK_N=32),
+    torch.bfloat16: dict(TILE_H=8, TILE_W=8, BLOCK_N=32),
+}
+# ptxas' register limit per thread (.maxnreg). Without it ptxas may aim at a higher occupancy and spill a few bytes
+# at 168 registers rather than use the ~230 these kernels need; the limit lets it use all 255 before spilling.
+MAXNREG = 255
 LOG2E = 1.4426950408889634
 
 
@@ -306,15 +326,47 @@ def _bwd_ref_kernel(
              dv.to(dv_ptr.dtype.element_ty), mask=k_in[:, None] & (kk[None, :] < K))
 
 
-def _launch_args(query, refs, values, out, radius, temperature):
+def _precision(dtype, gpu):
+    """`tl.dot`'s input precision. fp32 on a GPU: "tf32x3", three TF32 tensor-core products per dot (the operands
+    split into a TF32 head and tail), about fp32-accurate; exact fp32 ("ieee") compiles to an FMA loop that spills
+    heavily at these tile sizes. The CPU interpreter computes exact fp32 ("ieee"). 16-bit inputs use their own
+    tensor-core dot and ignore the setting."""
+    return "tf32x3" if gpu and dtype == torch.float32 else "ieee"
+
+
+def _launch_args(query, refs, values, out, radius, temperature, gpu):
     B, C, H, W = query.shape
     R, K = refs.shape[1], values.shape[2]
     strides = (*query.stride(), *refs.stride(), *values.stride(), *out.stride())
-    meta = dict(TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_N=BLOCK_N,
-                C_PAD=max(16, triton.next_power_of_2(C)), K_PAD=max(16, triton.next_power_of_2(K)),
-                PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
-    grid = (triton.cdiv(H, TILE_H) * triton.cdiv(W, TILE_W), B)
+    meta = dict(CONFIGS.get(query.dtype, CONFIGS[torch.float32]), C_PAD=max(16, triton.next_power_of_2(C)),
+                K_PAD=max(16, triton.next_power_of_2(K)),
+                PRECISION=_precision(query.dtype, query.is_cuda if gpu is None else gpu), maxnreg=MAXNREG)
+    grid = (triton.cdiv(H, meta["TILE_H"]) * triton.cdiv(W, meta["TILE_W"]), B)
     return strides, (R, C, K, H, W, radius, LOG2E / temperature), meta, grid
+
+
+# The launches as (kernel, grid, args, meta) tuples: the op runs them, and `kernels/compile_check.py` compiles
+# exactly what they would compile (the argument specialisation comes from the same arguments). `gpu`: compile for a
+# GPU (True) or the interpreter (False); None: where the tensors are.
+def _fwd_launches(query, refs, values, out, lse, radius, temperature, gpu=None):
+    strides, sizes, meta, grid = _launch_args(query, refs, values, out, radius, temperature, gpu)
+    return [(_fwd_kernel, grid, (query, refs, values, out, lse, *strides, *sizes), meta)]
+
+
+def _bwd_launches(query, refs, values, grad_out, lse, delta, d_query, d_refs, d_values, radius, temperature,
+                  gpu=None):
+    """d(query) when d_query is given; d(refs) and d(values) when d_refs and d_values are given."""
+    B, R = refs.shape[:2]
+    strides, sizes, meta, grid = _launch_args(query, refs, values, grad_out, radius, temperature, gpu)
+    sizes = (*sizes, 1.0 / temperature)
+    launches = []
+    if d_query is not None:
+        launches.append((_bwd_query_kernel, grid, (query, refs, values, grad_out, lse, delta, d_query,
+                                                   *strides, *sizes), meta))
+    if d_refs is not None:
+        launches.append((_bwd_ref_kernel, (grid[0], B * R), (query, refs, values, grad_out, lse, delta, d_refs,
+                                                             d_values, *strides, *sizes), meta))
+    return launches
 
 
 class _LocalAttention(torch.autograd.Function):
@@ -323,8 +375,8 @@ class _LocalAttention(torch.autograd.Function):
         B, C, H, W = query.shape
         out = torch.empty(B, values.shape[2], H, W, device=query.device, dtype=query.dtype)
         lse = torch.empty(B, H, W, device=query.device, dtype=torch.float32)
-        strides, sizes, meta, grid = _launch_args(query, refs, values, out, radius, temperature)
-        _fwd_kernel[grid](query, refs, values, out, lse, *strides, *sizes, **meta)
+        for kernel, grid, args, meta in _fwd_launches(query, refs, values, out, lse, radius, temperature):
+            kernel[grid](*args, **meta)
         ctx.save_for_backward(query, refs, values, out, lse)
         ctx.radius, ctx.temperature = radius, temperature
         return out
@@ -332,19 +384,16 @@ class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         query, refs, values, out, lse = ctx.saved_tensors
-        B, R = refs.shape[:2]
         delta = (grad_out.float() * out.float()).sum(1)  # (B, H, W): sum_k dO * O, the softmax correction
-        strides, sizes, meta, grid = _launch_args(query, refs, values, grad_out, ctx.radius, ctx.temperature)
-        sizes = (*sizes, 1.0 / ctx.temperature)
         d_query = d_refs = d_values = None
         if ctx.needs_input_grad[0]:
             d_query = torch.empty(query.shape, device=query.device, dtype=query.dtype)
-            _bwd_query_kernel[grid](query, refs, values, grad_out, lse, delta, d_query, *strides, *sizes, **meta)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             d_refs = torch.empty(refs.shape, device=refs.device, dtype=refs.dtype)
             d_values = torch.empty(values.shape, device=values.device, dtype=values.dtype)
-            _bwd_ref_kernel[(grid[0], B * R)](query, refs, values, grad_out, lse, delta, d_refs, d_values,
-                                              *strides, *sizes, **meta)
+        for kernel, grid, args, meta in _bwd_launches(query, refs, values, grad_out, lse, delta, d_query, d_refs,
+                                                      d_values, ctx.radius, ctx.temperature):
+            kernel[grid](*args, **meta)
         return d_query, d_refs, d_values, None, None
 
 

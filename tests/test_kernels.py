@@ -59,6 +59,25 @@ def test_triton_matches_reference(shape):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2]], ids=[str(SHAPES[1]), str(SHAPES[2])])
+def test_triton_16bit_tile_shapes_match_reference(shape, monkeypatch):
+    """The tile and chunk shape of fp16/bf16 inputs (the interpreter cannot run bf16 dots), on fp32 inputs."""
+    la = importlib.import_module("kernels.local_attention")
+    monkeypatch.setitem(la.CONFIGS, torch.float32, la.CONFIGS[torch.bfloat16])
+    *sizes, radius, temperature = shape
+    inputs = make_inputs(*sizes)
+    out_ref = local_attention_ref(*inputs, radius, temperature)
+    grad_out = torch.randn_like(out_ref)
+    grads_ref = torch.autograd.grad(out_ref, inputs, grad_out)
+    out = local_attention_triton(*inputs, radius, temperature)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(out, out_ref, atol=atol, rtol=rtol)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.interpreter
 def test_triton_non_contiguous_inputs():
     B, R, C, K, H, W = 2, 2, 12, 5, 9, 14
     g = torch.Generator().manual_seed(1)
@@ -139,9 +158,17 @@ def test_bad_arguments_raise_value_error(fn):
 # ---------------------------------------------------------------------------------------------- GPU only
 
 
+# the shapes above plus the training and propagation cases' channels (kernels/compile_check.py compiles these too)
+GPU_SHAPES = SHAPES + [(4, 1, 64, 16, 64, 64, 6, 1.0), (1, 4, 64, 8, 30, 54, 12, 1.0)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", SHAPES + [(4, 1, 64, 16, 64, 64, 6, 1.0), (1, 4, 64, 8, 30, 54, 12, 1.0)])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=[str(s) for s in GPU_SHAPES])
 def test_gpu_fp32_matches_reference(shape):
+    """fp32 on a GPU: the kernels' dots run in 3xTF32 (each operand as a TF32 head plus a TF32 tail, three
+    tensor-core products: about 22 of fp32's 24 mantissa bits per product, accumulation in fp32), the reference in
+    exact fp32 (torch's default, no TF32 in matmuls). That is a few times fp32's rounding per product, far below
+    these tolerances (kept from the exact-fp32 kernel); plain TF32 (~1e-3 relative) would not meet them."""
     *sizes, radius, temperature = shape
     inputs = make_inputs(*sizes, device="cuda")
     out_ref = local_attention_ref(*inputs, radius, temperature)
