@@ -25,10 +25,18 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"error: {one_line(message)}\n")
 
+    def _get_values(self, action, arg_strings):
+        # argparse (Python <= 3.12) drops a "--" given as a flag's value (--radius=--) and then skips the flag's
+        # type check, so the run got radius [] and failed deep inside: refuse it as the missing value it is
+        if action.option_strings and arg_strings == ["--"]:
+            self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
+        return super()._get_values(action, arg_strings)
+
 
 def fail(error: Exception):
     """End a CLI on an expected error (bad input, unreadable file): one line on stderr, exit status 1."""
-    sys.exit(f"error: {one_line(error)}")
+    print(f"error: {one_line(error)}", file=sys.stderr)  # printed here, not by sys.exit: also when called in-process
+    sys.exit(1)
 
 
 def _shown(text: str) -> str:
