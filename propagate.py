@@ -387,8 +387,10 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
     total = max(0, count_frames(video) - start)  # also fails early on a missing or unreadable video
     # the first frame's size checks the labels before anything is written
     first = next(read_frames(video, [start]), None) if total else None
+    if first is None and start:
+        raise ValueError(f"{labels}: its first labelled frame ({start}) is past the end of {video}")
     if first is None:
-        raise ValueError(f"{video}: no frames" + (f" from the first labelled frame ({start}) on" if start else ""))
+        raise ValueError(f"{video}: no frames")
     if total < 2:
         raise ValueError(f"{video}: a single frame, nothing to propagate")
     H, W = first.shape[:2]
