@@ -11,6 +11,7 @@ colour dropout (information bottleneck), 16-cluster cross-entropy, scheduled sam
 import argparse
 import csv
 import dataclasses
+import functools
 import inspect
 import os
 import random
@@ -462,11 +463,16 @@ def _append_log(path: Path, row: dict):
         w.writerow(row)
 
 
+@functools.cache  # inspect.getsource parses the whole file: once per process is enough
+def _field_comments() -> dict:
+    return dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(TrainConfig), re.MULTILINE))
+
+
 def parse_args(argv=None) -> TrainConfig:
     """The CLI is built from TrainConfig: every field is a flag with the dataclass default, checked by CHECKS."""
     p = cmdline.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # each flag's help is the comment on its field in TrainConfig, then what it accepts
-    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(TrainConfig), re.MULTILINE))
+    comments = _field_comments()
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model":
             continue
