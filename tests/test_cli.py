@@ -355,17 +355,17 @@ def test_train_refuses_generated_bad_input(train_inputs, capsys):
     check_all(train.cli, cases, tmp_path, capsys)
 
 
-@pytest.mark.slow
-def test_resume_keeps_the_schedule_and_says_what_it_ignores(train_inputs, capsys):
-    """--resume refuses a longer schedule (with what to do instead), lists the flags it ignores, and the way it
-    points to (--init from the checkpoint, a new folder) trains on."""
+def test_resume_keeps_the_schedule_and_says_what_it_ignores(train_inputs, capsys, monkeypatch):
+    """--resume refuses a longer schedule (with what to do instead) and lists the flags it ignores; the way it
+    points to (--init from the training checkpoint, a new folder) starts a new run of the new length."""
     tmp_path, _, base = train_inputs
-    out = tmp_path / "first"
+    out = tmp_path / "finished"
     argv = [str(a) for a in with_value(base, "--out", str(out), random.Random(0))]
-    train.cli(argv)
+    cfg = train.parse_args(argv)  # a finished 1-step run, written by train.py's own checkpoint function
+    net = model.CorrFlow(cfg.model)
+    out.mkdir()
     ckpt = out / "ckpt.pt"
-    assert torch.load(ckpt, weights_only=False)["step"] == 1
-    capsys.readouterr()
+    train.save_atomic(train.checkpoint(net, torch.optim.Adam(net.parameters()), 1, cfg, torch.randn(16, 2) * 30), ckpt)
 
     problem, line = refusal(train.cli, argv + ["--resume", "--steps=3"], tmp_path, capsys)
     assert not problem and "--steps 3" in line and f"--init {ckpt} --out" in line, (problem, line)
@@ -376,9 +376,17 @@ def test_resume_keeps_the_schedule_and_says_what_it_ignores(train_inputs, capsys
     saved = torch.load(ckpt, weights_only=False)["train_config"]
     assert saved["lr"] == train.TrainConfig.lr and saved["model"]["radius"] == 6  # the run's own settings kept
 
-    train.cli([str(a) for a in with_value(argv, "--out", str(tmp_path / "longer"), random.Random(0))]
-              + ["--init", str(ckpt), "--steps", "2"])
-    assert torch.load(tmp_path / "longer" / "ckpt.pt", weights_only=False)["step"] == 2
+    started = {}
+
+    def new_run(batch_size, start, total, rank=0, world=1):
+        started.update(start=start, total=total)
+        raise RuntimeError("the new run starts")
+
+    monkeypatch.setattr(train, "RunBatches", new_run)
+    longer = [str(a) for a in with_value(argv, "--out", str(tmp_path / "longer"), random.Random(0))]
+    with pytest.raises(RuntimeError, match="the new run starts"):
+        train.cli(longer + ["--init", str(ckpt), "--steps", "3"])
+    assert started == {"start": 0, "total": 3}
 
 
 # ----------------------------------------------------------------------------------------------------------------
