@@ -377,7 +377,10 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
         palette = davis_palette()
     else:
         first_mask, palette = read_mask(labels)
-        object_ids(first_mask)
+        try:
+            object_ids(first_mask)
+        except ValueError as e:
+            raise ValueError(f"{labels}: {e}") from None
         palette = palette or davis_palette()
         start = 0
     stem = video.stem if video.suffix else video.name

@@ -234,7 +234,7 @@ def propagate_file_cases(tmp_path: Path, rng: random.Random, video: Path, mask: 
              ([video, random_bytes(rng, bad / "random.png"), *rest], "random.png"),
              ([video, random_bytes(rng, bad / "random.txt"), *rest], "random.txt"),
              ([video, small, *rest], "small.png"),
-             ([video, background, *rest], "mask"),
+             ([video, background, *rest], "background.png"),
              ([video, colour, *rest], "colour.png"),
              ([video, random_bytes(rng, bad / "random.json"), *rest], "random.json"),
              ([video, late, *rest], "late.json"),
