@@ -153,7 +153,10 @@ def score_sequence(pred_dir: Path, gt_dir: Path) -> dict[int, dict[str, list[flo
 
 
 def read_sequences(root: Path) -> list[str]:
-    return (Path(root) / "ImageSets" / "2017" / "val.txt").read_text().split()
+    path = Path(root) / "ImageSets" / "2017" / "val.txt"
+    if not path.is_file():
+        raise ValueError(f"{root}: not a DAVIS folder (no {path.relative_to(root)}); or give --sequences")
+    return path.read_text().split()
 
 
 def score_davis(root: Path, pred_dir: Path, sequences: list[str]) -> dict[str, dict[int, dict[str, list[float]]]]:
