@@ -26,8 +26,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {one_line(message)}\n")
 
     def _get_values(self, action, arg_strings):
-        # argparse (Python <= 3.12) drops a "--" given as a flag's value (--radius=--) and then skips the flag's
-        # type check, so the run got radius [] and failed deep inside: refuse it as the missing value it is
+        # argparse (Python 3.11) drops a "--" given as a flag's value (--radius=--) and then skips the flag's type
+        # check, so the run got radius [] and failed deep inside: refuse it as the missing value it is
         if action.option_strings and arg_strings == ["--"]:
             self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
         return super()._get_values(action, arg_strings)
@@ -96,7 +96,7 @@ def real(low: Optional[float] = None, high: Optional[float] = None, above: Optio
 
 def _path(text: str) -> Path:
     if not text.strip():
-        raise argparse.ArgumentTypeError("must be a path, got ''")  # Path('') would be the current folder
+        raise argparse.ArgumentTypeError(f"must be a path, got {text!r}")  # Path('') would be the current folder
     return Path(text)
 
 

@@ -16,7 +16,6 @@ import argparse
 import itertools
 import json
 import os
-import sys
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path

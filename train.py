@@ -16,7 +16,6 @@ import inspect
 import os
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -493,7 +492,7 @@ def parse_args(argv=None) -> TrainConfig:
     args = vars(p.parse_args(argv))
     model = ModelConfig(radius=args.pop("radius"))
     args["lr_halve_at"] = tuple(args["lr_halve_at"])
-    args = {k: str(v) if isinstance(v, Path) else v for k, v in args.items()}  # paths stay strings: saved in checkpoints
+    args = {k: str(v) if isinstance(v, Path) else v for k, v in args.items()}  # strings, as saved in checkpoints
     return TrainConfig(model=model, **args)
 
 
