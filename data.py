@@ -343,8 +343,6 @@ class ClipDataset(torch.utils.data.Dataset):
                 index[rel]["frames"] = count_frames(path)
             except VideoError as e:
                 index[rel]["error"] = str(e)
-        self.index_file = _save_index(self.root, index) if cache and index != cached else None
-
         self.videos, self.skipped = [], []  # [(path, n_frames)], [(path, reason)]
         for path in paths:
             entry = index[path.relative_to(self.root).as_posix()]
@@ -355,11 +353,16 @@ class ClipDataset(torch.utils.data.Dataset):
                 self.videos.append((path, entry["frames"]))
             else:
                 self.skipped.append((path, reason))
-                # errors already name the file; "too short" does not
-                warnings.warn(f"skipping: {reason}" if str(path) in reason else f"skipping video {path}: {reason}")
-        if not self.videos:
+        # errors already name the file; "too short" does not
+        why = [reason if str(path) in reason else f"video {path}: {reason}" for path, reason in self.skipped]
+        if not self.videos:  # one line that says why, and the folder left as it was
+            first = f"; the first: {why[0]}" if why else ""
             raise ValueError(f"no usable video in {self.root}: {len(paths)} found, {len(self.skipped)} skipped "
-                             f"(a clip needs {self.span} frames; extensions {', '.join(VIDEO_EXTS)} or image folders)")
+                             f"(a clip needs {self.span} frames; extensions {', '.join(VIDEO_EXTS)} or image "
+                             f"folders){first}")
+        for reason in why:
+            warnings.warn(f"skipping {reason}")
+        self.index_file = _save_index(self.root, index) if cache and index != cached else None
         self._failed = set()  # videos that failed while sampling, warned about once per process
         # clip starts of all videos end to end: start k of the run belongs to video bisect(ends, k)
         self._ends = np.cumsum([n - self.span + 1 for _, n in self.videos])

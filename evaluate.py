@@ -21,7 +21,7 @@ The ground-truth JSON has the same keys with "frames" = the labelled frames only
 Usage:
     python evaluate.py davis ROOT --predictions DIR [--csv FILE]   # score DIR/<seq>/%05d.png
     python evaluate.py davis ROOT --out DIR [propagation options]   # propagate each sequence, then score
-    python evaluate.py points DIR [--gt KEYPOINT_DIR]               # score DIR/<seq>.json
+    python evaluate.py points DIR --gt KEYPOINT_DIR                 # score DIR/<seq>.json
 """
 import argparse
 import csv
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DEFAULT_KEYPOINTS = Path(__file__).resolve().parent.parent / "shared" / "data" / "keypoints"
+import cli as cmdline  # the module; `cli` below is this file's entry point
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,10 +113,13 @@ def db_boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) -> 
 
 def read_label_png(path: Path) -> np.ndarray:
     """(H, W) uint8 label map from a palette or grey PNG (palette indices, not colours)."""
-    with Image.open(path) as im:
-        if im.mode not in ("P", "L"):
-            raise ValueError(f"{path}: expected a palette or grey PNG of object ids, got mode {im.mode}")
-        return np.array(im)
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise ValueError(f"{path}: expected a palette or grey PNG of object ids, got mode {im.mode}")
+            return np.array(im)
+    except (OSError, SyntaxError) as e:  # PIL's messages for a truncated file do not name it
+        raise ValueError(f"{path}: cannot read the PNG ({type(e).__name__})") from None
 
 
 def read_annotation(path: Path) -> np.ndarray:
@@ -150,7 +153,10 @@ def score_sequence(pred_dir: Path, gt_dir: Path) -> dict[int, dict[str, list[flo
 
 
 def read_sequences(root: Path) -> list[str]:
-    return (Path(root) / "ImageSets" / "2017" / "val.txt").read_text().split()
+    path = Path(root) / "ImageSets" / "2017" / "val.txt"
+    if not path.is_file():
+        raise ValueError(f"{root}: not a DAVIS folder (no {path.relative_to(root)}); or give --sequences")
+    return path.read_text().split()
 
 
 def score_davis(root: Path, pred_dir: Path, sequences: list[str]) -> dict[str, dict[int, dict[str, list[float]]]]:
@@ -203,7 +209,8 @@ def propagate_davis(root: Path, out_dir: Path, sequences: list[str], args: argpa
 
     import propagate
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device in (None, "auto") else args.device)
     cfg = propagate.config_from_args(args)
     encoder = propagate.load_encoder(args.checkpoint, cfg.features, device)
     for seq in sequences:
@@ -278,9 +285,19 @@ def score_points(pred_dir: Path, gt_dir: Path, alphas: tuple[float, ...] = (0.1,
             pred_path = Path(pred_dir) / gt_path.stem / "points.json"
         if not pred_path.is_file():
             raise ValueError(f"missing prediction {Path(pred_dir) / gt_path.name} (or {pred_path})")
-        gt, pred = json.loads(gt_path.read_text()), json.loads(pred_path.read_text())
-        results[gt_path.stem] = {a: pck_counts(pred, gt, a) for a in alphas}
+        gt, pred = read_json(gt_path), read_json(pred_path)
+        try:
+            results[gt_path.stem] = {a: pck_counts(pred, gt, a) for a in alphas}
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:  # a JSON of another layout
+            raise ValueError(f"{pred_path} against {gt_path}: cannot score ({type(e).__name__}: {e})") from None
     return results
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # json's own message does not name the file
+        raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
 
 
 def report_points(results: dict) -> dict[float, float]:
@@ -316,32 +333,41 @@ def main_points(pred_dir: Path, gt_dir: Path) -> dict[float, float]:
 
 def build_parser(propagation: bool = True) -> argparse.ArgumentParser:
     """The CLI; `propagation=False` leaves out propagate.py's options (and its torch import) when only scoring."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="task", required=True)
+    parser = cmdline.Parser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="task", required=True)  # subparsers are cmdline.Parser too: one-line errors
     davis = sub.add_parser("davis", help="J, F, J&F on a DAVIS-layout folder")
-    davis.add_argument("root", type=Path, help="JPEGImages/480p, Annotations/480p, ImageSets/2017/val.txt")
-    davis.add_argument("--predictions", type=Path, help="score DIR/<seq>/%%05d.png instead of propagating")
-    davis.add_argument("--out", type=Path, help="where propagation writes DIR/<seq>/%%05d.png")
-    davis.add_argument("--csv", type=Path, help="per-object scores (default: <predictions>/scores.csv)")
+    davis.add_argument("root", type=cmdline.existing_folder,
+                       help="JPEGImages/480p, Annotations/480p, ImageSets/2017/val.txt")
+    davis.add_argument("--predictions", type=cmdline.existing_folder,
+                       help="score DIR/<seq>/%%05d.png instead of propagating")
+    davis.add_argument("--out", type=cmdline.output_folder, help="where propagation writes DIR/<seq>/%%05d.png")
+    davis.add_argument("--csv", type=cmdline.output_file, help="per-object scores (default: <predictions>/scores.csv)")
     davis.add_argument("--sequences", nargs="+", help="default: every sequence of ImageSets/2017/val.txt")
-    davis.add_argument("--checkpoint", type=Path, help="encoder weights for propagation (default: the shipped ones)")
-    davis.add_argument("--device", help="default: cuda when available, else cpu")
+    davis.add_argument("--checkpoint", type=cmdline.existing_file,
+                       help="encoder weights for propagation (default: the shipped ones)")
+    davis.add_argument("--device", type=cmdline.device, default="auto",
+                       help="auto | cpu | cuda (default: cuda when available, else cpu)")
     if propagation:  # --protocol, --features, --radius, ...
         import propagate
         propagate.add_propagation_args(davis)
     points = sub.add_parser("points", help="PCK@0.1 and PCK@0.2 of keypoint JSONs")
-    points.add_argument("predictions", type=Path, help="folder of <sequence>.json")
-    points.add_argument("--gt", type=Path, default=DEFAULT_KEYPOINTS, help="ground-truth keypoint JSONs")
+    points.add_argument("predictions", type=cmdline.existing_folder, help="folder of <sequence>.json")
+    points.add_argument("--gt", type=cmdline.existing_folder, required=True, help="ground-truth keypoint JSONs")
     return parser
 
 
-if __name__ == "__main__":
-    only_scoring = sys.argv[1:2] != ["davis"] or any(a.startswith("--predictions") for a in sys.argv)
-    args = build_parser(propagation=not only_scoring).parse_args()
+def cli(argv=None) -> dict:
+    """The command line: parse, score; an expected failure (bad input, unreadable file) is one line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    only_scoring = argv[:1] != ["davis"] or any(a.startswith("--predictions") for a in argv)
+    args = build_parser(propagation=not only_scoring).parse_args(argv)
     try:
         if args.task == "davis":
-            main_davis(args.root, args.predictions, args.out, args.csv, args.sequences, args)
-        else:
-            main_points(args.predictions, args.gt)
+            return main_davis(args.root, args.predictions, args.out, args.csv, args.sequences, args)
+        return main_points(args.predictions, args.gt)
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        cmdline.fail(e)
+
+
+if __name__ == "__main__":
+    cli()

@@ -93,14 +93,15 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a CorrFlow checkpoint (expected format '{CHECKPOINT_FORMAT}')")
-    config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()})
-    model = CorrFlow(config)
-    try:
+    try:  # a file with the right format tag can still lack a part, or hold something else in it
+        config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()})
+        model = CorrFlow(config)
         model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
-    except RuntimeError:
+        centroids = ckpt.get("centroids")
+        centroids = None if centroids is None else centroids.float()
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError):
         raise ValueError(f"{path}: weights do not match the CorrFlow encoder") from None
-    centroids = ckpt.get("centroids")
-    return model.eval(), (None if centroids is None else centroids.float()), ckpt
+    return model.eval(), centroids, ckpt
 
 
 def export_weights(src, dst):

@@ -16,7 +16,6 @@ import argparse
 import itertools
 import json
 import os
-import sys
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import cli as cmdline  # the module; `cli` below is this file's entry point
 from data import count_frames, read_frames, rgb_to_lab
 from kernels import local_attention
 from model import STRIDE, downsample_labels, load_checkpoint
@@ -288,11 +288,22 @@ def read_points(path: Path) -> tuple[str, int, np.ndarray, np.ndarray]:
     return str(gt.get("sequence", Path(path).stem)), start, xy, visible
 
 
+def check_points_inside(path: Path, xy: np.ndarray, visible: np.ndarray, W: int, H: int) -> None:
+    """Visible points must lie in the W x H frame: a point outside has no features to follow, and would give a
+    track that means nothing."""
+    for j in np.flatnonzero(visible):
+        x, y = xy[j]
+        if not (0 <= x < W and 0 <= y < H):  # also refuses nan
+            raise ValueError(f"{path}: point {j} at ({x:g}, {y:g}) lies outside the {W}x{H} frame")
+
+
 RESULT_NAMES = ("points.json", "overlay.mp4")
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse a folder that already holds results, unless overwrite: then remove those results."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: the output needs a folder (--out)")
     results = [p for p in out.glob("*") if p.name in RESULT_NAMES or (p.suffix == ".png" and p.stem.isdigit())]
     if results and not overwrite:
         raise ValueError(f"{out} already holds results ({len(results)} files); pass --overwrite to replace them")
@@ -365,7 +376,10 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
         palette = davis_palette()
     else:
         first_mask, palette = read_mask(labels)
-        object_ids(first_mask)
+        try:
+            object_ids(first_mask)
+        except ValueError as e:
+            raise ValueError(f"{labels}: {e}") from None
         palette = palette or davis_palette()
         start = 0
     stem = video.stem if video.suffix else video.name
@@ -373,6 +387,19 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     encoder = load_encoder(checkpoint, cfg.features, dev)
     total = max(0, count_frames(video) - start)  # also fails early on a missing or unreadable video
+    # the first frame's size checks the labels before anything is written
+    first = next(read_frames(video, [start]), None) if total else None
+    if first is None and start:
+        raise ValueError(f"{labels}: its first labelled frame ({start}) is past the end of {video}")
+    if first is None:
+        raise ValueError(f"{video}: no frames")
+    if total < 2:
+        raise ValueError(f"{video}: a single frame, nothing to propagate")
+    H, W = first.shape[:2]
+    if points_mode:
+        check_points_inside(labels, xy, visible, W, H)
+    elif first_mask.shape != (H, W):
+        raise ValueError(f"{labels}: mask is {first_mask.shape[1]}x{first_mask.shape[0]} but the frames are {W}x{H}")
     prepare_out_dir(out, overwrite)
 
     frames, shown = itertools.tee(itertools.islice(read_frames(video), start, None))  # tee buffers one frame
@@ -412,9 +439,12 @@ def add_propagation_args(parser: argparse.ArgumentParser) -> None:
                              "hard labels, radius 6)")
     parser.add_argument("--features", choices=["model", "lab"], default="model",
                         help="model: the CorrFlow encoder; lab: raw Lab colour, no learning")
-    parser.add_argument("--radius", type=int, help="attention window radius at stride 4 (preset: 6)")
-    parser.add_argument("--num-recent", type=int, help="number of recent frames used as references (preset: 3)")
-    parser.add_argument("--temperature", type=float, help="softmax temperature (model: 1.0, lab: 0.001)")
+    parser.add_argument("--radius", type=cmdline.integer(0, 64),
+                        help="attention window radius at stride 4, 0..64 (preset: 6)")
+    parser.add_argument("--num-recent", type=cmdline.integer(0, 100),
+                        help="number of recent frames used as references, 0..100 (preset: 3)")
+    parser.add_argument("--temperature", type=cmdline.real(above=0),
+                        help="softmax temperature, > 0 (model: 1.0, lab: 0.001)")
     parser.add_argument("--no-first", action="store_true", help="do not keep the first frame as a reference")
     parser.add_argument("--hard-labels", action="store_true", help="feed back the one-hot argmax, not probabilities")
 
@@ -426,23 +456,37 @@ def config_from_args(args: argparse.Namespace) -> PropagationConfig:
         if value is not None:
             cfg = replace(cfg, **{field: value})
     cfg = replace(cfg, use_first=False) if args.no_first else cfg
+    if cfg.num_recent == 0 and not cfg.use_first:
+        raise ValueError("--num-recent 0 without the first frame (--no-first, or --protocol corrflow) leaves no "
+                         "reference: keep the first frame or use --num-recent of at least 1")
     return replace(cfg, soft_labels=False) if args.hard_labels else cfg
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("video", type=Path, help="a video file or a folder of JPEG/PNG frames")
-    parser.add_argument("labels", type=Path, help="first-frame mask PNG (palette, grey ids or binary) or points JSON")
-    parser.add_argument("--out", type=Path, help="output folder (default: ./<video stem>_masks or _points)")
-    parser.add_argument("--checkpoint", type=Path, help=f"encoder weights (default: {DEFAULT_CHECKPOINT.name} in "
-                                                        "checkpoints/)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+def build_parser() -> argparse.ArgumentParser:
+    parser = cmdline.Parser(description=__doc__.split("\n")[0])
+    parser.add_argument("video", type=cmdline.existing_path, help="a video file or a folder of JPEG/PNG frames")
+    parser.add_argument("labels", type=cmdline.existing_file,
+                        help="first-frame mask PNG (palette, grey ids or binary) or points JSON")
+    parser.add_argument("--out", type=cmdline.output_folder,
+                        help="output folder (default: ./<video stem>_masks or _points)")
+    parser.add_argument("--checkpoint", type=cmdline.existing_file,
+                        help=f"encoder weights (default: {DEFAULT_CHECKPOINT.name} in checkpoints/)")
+    parser.add_argument("--device", type=cmdline.device, default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--no-overlay", action="store_true", help="skip overlay.mp4")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     add_propagation_args(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def cli(argv=None) -> Optional[Path]:
+    """The command line: parse, propagate; an expected failure (bad input, unreadable file) is one line."""
+    args = build_parser().parse_args(argv)
     try:
-        main(args.video, args.labels, args.out, config_from_args(args), args.checkpoint, args.device,
-             overlay=not args.no_overlay, overwrite=args.overwrite)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+        return main(args.video, args.labels, args.out, config_from_args(args), args.checkpoint, args.device,
+                    overlay=not args.no_overlay, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:
+        cmdline.fail(e)
+
+
+if __name__ == "__main__":
+    cli()

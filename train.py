@@ -11,11 +11,11 @@ colour dropout (information bottleneck), 16-cluster cross-entropy, scheduled sam
 import argparse
 import csv
 import dataclasses
+import functools
 import inspect
 import os
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli as cmdline  # the module; `cli` below is this file's entry point
 from data import ClipDataset, RunBatches, fit_centroids, quantise
 from model import (CHECKPOINT_FORMAT, CorrFlow, ModelConfig, copy_labels, downsample_labels, export_weights,
                    load_checkpoint)
@@ -58,7 +59,25 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500
-    resume: bool = False  # continue from <out>/ckpt.pt
+    resume: bool = False  # continue from <out>/ckpt.pt with the saved run's settings and schedule (other flags are ignored, and listed); to train longer, start a new run from its weights: --init <out>/ckpt.pt --out NEW --steps M
+
+
+# What the command line accepts for each setting: checked where it is parsed, so that a bad value is one line naming
+# its flag instead of a failure deep inside the run. Sizes are multiples of 4: the encoder's stride.
+CHECKS = {
+    "data": cmdline.existing_folder, "out": cmdline.output_folder, "centroids": cmdline.optional(cmdline.existing_file),
+    "init": cmdline.optional(cmdline.existing_file), "device": cmdline.device,
+    "steps": cmdline.integer(0), "epochs": cmdline.integer(1), "minutes": cmdline.real(0),
+    "batch_size": cmdline.integer(1), "lr": cmdline.real(above=0), "lr_halve_at": cmdline.real(above=0),
+    "size": cmdline.integer(16, multiple_of=4), "frame_gap": cmdline.integer(1), "radius": cmdline.integer(0, 64),
+    "jitter_p": cmdline.real(0, 1), "dropout_none_p": cmdline.real(0, 1), "p_gt_start": cmdline.real(0, 1),
+    "p_gt_end": cmdline.real(0, 1), "cycle_weight": cmdline.real(0), "num_clusters": cmdline.integer(2, 256),
+    "workers": cmdline.integer(0), "seed": cmdline.integer(0, 2**32 - 1),  # numpy's and k-means' seeds stop there
+    "log_every": cmdline.integer(1), "ckpt_every": cmdline.integer(1),
+}
+SCHEDULE = ("steps", "epochs", "minutes", "batch_size")  # what --resume may not change: the run's length
+# --resume takes these from the command line: they belong to the machine, not to the run
+MACHINE_LOCAL = ("data", "out", "device", "workers", "resume", "log_every", "ckpt_every", "in_memory")
 
 
 # ------------------------------------------------------------------------------------------- the method's parts
@@ -146,6 +165,70 @@ def checkpoint(model, optimizer, step, cfg, centroids):
             "centroids": centroids.cpu(), "rng": rng_states()}
 
 
+def load_training_state(path: Path) -> dict:
+    """A training checkpoint (model, optimiser, step, settings, centroids, RNG states) -> its dict; ValueError naming
+    the file when it is unreadable or something else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    keys = ("model", "optimizer", "step", "train_config", "centroids", "rng")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not all(k in state for k in keys):
+        raise ValueError(f"{path}: not a CorrFlow training checkpoint")
+    return state
+
+
+def resumed_config(cfg: TrainConfig, saved: dict, ckpt_path: Path, master: bool = True) -> TrainConfig:
+    """--resume: the saved run's settings, with this machine's MACHINE_LOCAL ones from `cfg`.
+
+    A setting counts as given on the command line when it differs from both the saved value and the default. Given
+    settings are ignored, and listed in one line, except the schedule's (SCHEDULE): a run's length cannot change
+    halfway (the lr milestones and p(gt) are spread over it), so a longer run is refused with what to do instead."""
+    try:
+        saved = dict(saved)
+        saved["model"] = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["model"].items()})
+        saved["lr_halve_at"] = tuple(saved["lr_halve_at"])
+        saved = TrainConfig(**saved)
+    except (TypeError, KeyError, AttributeError):  # settings of another version of this file
+        raise ValueError(f"{ckpt_path}: its saved settings do not match this train.py") from None
+    default = TrainConfig()
+    given = {}  # flag -> value
+    for name in [f.name for f in dataclasses.fields(TrainConfig) if f.name not in MACHINE_LOCAL + ("model",)]:
+        mine = getattr(cfg, name)
+        if mine != getattr(saved, name) and mine != getattr(default, name):
+            given[name] = mine
+    for name in [f.name for f in dataclasses.fields(ModelConfig)]:
+        mine = getattr(cfg.model, name)
+        if mine != getattr(saved.model, name) and mine != getattr(default.model, name):
+            given[name] = mine
+
+    def flag(name):
+        value = given[name]
+        value = " ".join(map(str, value)) if isinstance(value, tuple) else value
+        return f"--{name.replace('_', '-')} {value}"
+
+    longer = [name for name in SCHEDULE if name in given]
+    if longer:
+        raise ValueError(f"--resume continues the saved run's own schedule, which {', '.join(map(flag, longer))} "
+                         f"would change; to train longer, start a new run from its weights: --init {ckpt_path} "
+                         f"--out NEW_FOLDER {' '.join(map(flag, longer))}")
+    if given and master:
+        print(f"resuming with the saved run's settings; ignored: {', '.join(map(flag, given))}")
+    return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in MACHINE_LOCAL})
+
+
+def load_centroids(path) -> torch.Tensor:
+    """--centroids: a .pt file holding a (K, 2) tensor of Lab (a, b) cluster centres."""
+    try:
+        centroids = torch.load(path, map_location="cpu")
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable centroids file ({type(e).__name__})") from None
+    if not (torch.is_tensor(centroids) and centroids.ndim == 2 and centroids.shape[1] == 2 and len(centroids) >= 2
+            and not centroids.is_complex() and torch.isfinite(centroids.float()).all()):
+        raise ValueError(f"{path}: expected a (K, 2) tensor of finite Lab (a, b) centroids, K >= 2")
+    return centroids.float()
+
+
 # ------------------------------------------------------------------------------------------- training
 
 
@@ -167,34 +250,29 @@ def main(cfg: TrainConfig) -> Path:
     master = rank == 0
     out = Path(cfg.out)
     ckpt_path = out / "ckpt.pt"
+    if cfg.minutes > 0 and cfg.steps:
+        raise ValueError("give --steps or --minutes, not both")
     resume = cfg.resume and ckpt_path.is_file()
     if cfg.resume and not resume and master:
         print(f"no checkpoint at {ckpt_path}: starting a new run")
     state = None
     if resume:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state.get("format") != CHECKPOINT_FORMAT or "optimizer" not in state:
-            raise ValueError(f"{ckpt_path}: not a CorrFlow training checkpoint")
-        keep = {k: getattr(cfg, k) for k in ("data", "out", "device", "workers", "resume", "log_every", "ckpt_every",
-                                             "in_memory")}
-        saved = state["train_config"]
-        saved["model"] = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["model"].items()})
-        saved["lr_halve_at"] = tuple(saved["lr_halve_at"])
-        cfg = dataclasses.replace(TrainConfig(**saved), **keep)  # the run's own settings, this machine's paths
+        state = load_training_state(ckpt_path)
+        cfg = resumed_config(cfg, state["train_config"], ckpt_path, master)
+    # every file given is read before any work, so that a bad one stops the run at once
+    init = None if state is not None or not cfg.init else load_checkpoint(cfg.init)
+    given_centroids = load_centroids(cfg.centroids) if state is None and init is None and cfg.centroids else None
     torch.manual_seed(cfg.seed)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
 
     # -- data: clips of 3 frames `frame_gap` apart; the colour classes' centroids
     clips = ClipDataset(cfg.data, num_frames=3, frame_gap=cfg.frame_gap, size=cfg.size, jitter_p=cfg.jitter_p,
                         seed=cfg.seed, in_memory=cfg.in_memory)
-    init = None if state is not None or not cfg.init else load_checkpoint(cfg.init)
     if state is not None:
         centroids = state["centroids"]
     elif init is not None:
         centroids = init[1]
-    elif cfg.centroids:
-        centroids = torch.load(cfg.centroids, map_location="cpu")
+    elif given_centroids is not None:
+        centroids = given_centroids
     elif master:
         centroids = fit_centroids(clips, n_clusters=cfg.num_clusters, seed=cfg.seed)  # (16, 2) of Lab (a, b)
     else:
@@ -202,10 +280,10 @@ def main(cfg: TrainConfig) -> Path:
     centroids = centroids.float().to(device)
     if ddp and state is None and not cfg.centroids and init is None:
         dist.broadcast(centroids, 0)  # every process quantises with the first one's centroids
+    if master:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no trace
     # with --minutes the step count is fixed after CALIBRATION_STEPS (below); until then the schedules stay at
     # their start (no lr milestone is reached, p(gt) stays at p_gt_start)
-    if cfg.minutes > 0 and cfg.steps:
-        raise ValueError("give --steps or --minutes, not both")
     timed = cfg.minutes > 0
     total_steps = cfg.steps or (10**9 if timed else max(1, cfg.epochs * len(clips) // (cfg.batch_size * world)))
 
@@ -385,32 +463,48 @@ def _append_log(path: Path, row: dict):
         w.writerow(row)
 
 
+@functools.cache  # inspect.getsource parses the whole file: once per process is enough
+def _field_comments() -> dict:
+    return dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(TrainConfig), re.MULTILINE))
+
+
 def parse_args(argv=None) -> TrainConfig:
-    """The CLI is built from TrainConfig: every field is a flag with the dataclass default."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # each flag's help is the comment on its field in TrainConfig
-    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(TrainConfig), re.MULTILINE))
+    """The CLI is built from TrainConfig: every field is a flag with the dataclass default, checked by CHECKS."""
+    p = cmdline.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # each flag's help is the comment on its field in TrainConfig, then what it accepts
+    comments = _field_comments()
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model":
             continue
         flag, default, doc = "--" + f.name.replace("_", "-"), f.default, comments.get(f.name, "")
+        check = CHECKS.get(f.name)
+        accepts = f"{check.want}; " if getattr(check, "want", "") else ""
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", help=doc)
         elif isinstance(default, tuple):
-            p.add_argument(flag, type=float, nargs="+", default=list(default), help=f"{doc} (default: {default})")
+            p.add_argument(flag, type=check, nargs="+", default=list(default),
+                           help=f"{doc} ({accepts}default: {default})")
         else:
-            p.add_argument(flag, type=type(default), default=default, help=f"{doc} (default: {default!r})")
-    p.add_argument("--radius", type=int, default=ModelConfig.radius,
-                   help=f"attention window radius M at stride 4 (CorrFlow: 6) (default: {ModelConfig.radius})")
+            p.add_argument(flag, type=check or type(default), default=default,
+                           help=f"{doc} ({accepts}default: {default!r})")
+    check = CHECKS["radius"]
+    p.add_argument("--radius", type=check, default=ModelConfig.radius, help="attention window radius M at stride 4 "
+                   f"(CorrFlow: 6) ({check.want}; default: {ModelConfig.radius})")
     args = vars(p.parse_args(argv))
     model = ModelConfig(radius=args.pop("radius"))
     args["lr_halve_at"] = tuple(args["lr_halve_at"])
+    args = {k: str(v) if isinstance(v, Path) else v for k, v in args.items()}  # strings, as saved in checkpoints
     return TrainConfig(model=model, **args)
 
 
-if __name__ == "__main__":
-    config = parse_args()
+def cli(argv=None) -> Path:
+    """The command line: parse, train; an expected failure (bad input, unreadable file, a NaN loss) is one line."""
+    config = parse_args(argv)
     try:
-        main(config)
-    except (ValueError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+        return main(config)
+    except (ValueError, OSError, FloatingPointError) as e:
+        cmdline.fail(e)
+
+
+if __name__ == "__main__":
+    cli()

@@ -265,8 +265,9 @@ def test_empty_or_unusable_folder_raises(tmp_path):
     with pytest.raises(ValueError, match=str(tmp_path)):
         data.ClipDataset(tmp_path)
     write_video(tmp_path / "short.mp4", 3)
-    with pytest.warns(UserWarning, match="short.mp4"), pytest.raises(ValueError, match="no usable video"):
+    with pytest.raises(ValueError, match="no usable video.*short.mp4: 3 frames"):  # the reason, in one line
         data.ClipDataset(tmp_path)
+    assert not (tmp_path / data.INDEX_NAME).exists()  # a folder that cannot train is left as it was
     with pytest.raises(ValueError, match="not found"):
         data.ClipDataset(tmp_path / "nope")
 

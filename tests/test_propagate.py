@@ -232,7 +232,8 @@ def test_cli_error_is_one_line_on_stderr(clip, tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "propagate.py"), str(frames), str(empty), "--features", "lab"],
                          cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode != 0
-    assert run.stderr.strip().splitlines() == ["error: the first-frame mask has no object (every pixel is background 0)"]
+    assert run.stderr.strip().splitlines() == [f"error: {empty}: the first-frame mask has no object (every pixel is "
+                                               "background 0)"]
 
 
 def test_overwrite_replaces_results(clip, tmp_path):
