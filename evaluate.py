@@ -321,6 +321,10 @@ def main_davis(root: Path, predictions: Path | None, out: Path | None, csv_path:
     if predictions is None:
         if out is None:
             raise ValueError("give --predictions DIR to score, or --out DIR to propagate and score")
+        done = [seq for seq in sequences if any((Path(out) / seq).glob("*.png"))]
+        if done and not getattr(args, "overwrite", False):
+            raise ValueError(f"{out} already holds predictions ({', '.join(done)}); pass --overwrite to replace them, "
+                             "or --predictions to score them")
         propagate_davis(root, out, sequences, args)
         predictions = out
     results = score_davis(root, predictions, sequences)
@@ -341,6 +345,7 @@ def build_parser(propagation: bool = True) -> argparse.ArgumentParser:
     davis.add_argument("--predictions", type=cmdline.existing_folder,
                        help="score DIR/<seq>/%%05d.png instead of propagating")
     davis.add_argument("--out", type=cmdline.output_folder, help="where propagation writes DIR/<seq>/%%05d.png")
+    davis.add_argument("--overwrite", action="store_true", help="replace predictions already in --out")
     davis.add_argument("--csv", type=cmdline.output_file, help="per-object scores (default: <predictions>/scores.csv)")
     davis.add_argument("--sequences", nargs="+", help="default: every sequence of ImageSets/2017/val.txt")
     davis.add_argument("--checkpoint", type=cmdline.existing_file,

@@ -207,7 +207,9 @@ def resumed_config(cfg: TrainConfig, saved: dict, ckpt_path: Path, master: bool 
         value = " ".join(map(str, value)) if isinstance(value, tuple) else value
         return f"--{name.replace('_', '-')} {value}"
 
-    longer = [name for name in SCHEDULE if name in given]
+    # a --minutes run fixed its step count after its first steps: repeating the original command (with --minutes)
+    # continues that count, so --minutes is only listed as ignored
+    longer = [name for name in SCHEDULE if name in given and not (name == "minutes" and saved.steps)]
     if longer:
         raise ValueError(f"--resume continues the saved run's own schedule, which {', '.join(map(flag, longer))} "
                          f"would change; to train longer, start a new run from its weights: --init {ckpt_path} "
@@ -384,7 +386,8 @@ def main(cfg: TrainConfig) -> Path:
             step += 1
             bar.update(1)
 
-            if master and (step % cfg.log_every == 0 or step == total_steps):
+            last = step == total_steps or (deadline is not None and time.time() > deadline)  # a timed run's too
+            if master and (step % cfg.log_every == 0 or last):
                 now = time.time()
                 clips_per_s = (step - step_last) * B * world / max(now - t_last, 1e-9)
                 # data_wait: share of the time spent waiting for the loader; near 0 when it keeps up

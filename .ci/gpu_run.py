@@ -192,6 +192,8 @@ def _count_rows(md: Path) -> int:
 def _loss_summary(log_csv: Path) -> str:
     import csv
 
+    if not log_csv.is_file():
+        return "no log.csv"
     with open(log_csv) as f:
         rows = list(csv.DictReader(f))
     if not rows:

@@ -375,6 +375,11 @@ def test_resume_keeps_the_schedule_and_says_what_it_ignores(train_inputs, capsys
     assert "ignored: --lr 0.01, --radius 3" in printed, printed
     saved = torch.load(ckpt, weights_only=False)["train_config"]
     assert saved["lr"] == train.TrainConfig.lr and saved["model"]["radius"] == 6  # the run's own settings kept
+    # a run's step count is fixed once it is saved: repeating a --minutes command continues it, --minutes ignored
+    i = argv.index("--steps")
+    timed = argv[:i] + argv[i + 2:] + ["--minutes", "5"]
+    train.cli(timed + ["--resume", "--workers", "0"])
+    assert "ignored: --minutes 5" in capsys.readouterr().out
 
     started = {}
 

@@ -239,6 +239,12 @@ def test_propagate_then_score_uses_propagate_interface(tiny_davis, tmp_path, mon
     with Image.open(out / "toy" / "00003.png") as im:
         assert im.mode == "P"
     assert 0 < summary["J-Mean"] < 1
+    # predictions already there are kept unless asked: --overwrite replaces them
+    before = (out / "toy" / "00000.png").stat().st_mtime_ns
+    with pytest.raises(ValueError, match="already holds predictions \\(toy\\).*--overwrite"):
+        ev.main_davis(root, None, out, None, None, args)
+    assert (out / "toy" / "00000.png").stat().st_mtime_ns == before
+    ev.main_davis(root, None, out, None, None, types.SimpleNamespace(**vars(args), overwrite=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------
