@@ -43,10 +43,10 @@ POINT_TOPK = 5  # a point's location: probability-weighted mean of its 5 most pr
 class PropagationConfig:
     features: str = "model"  # "model": CorrFlow encoder from a checkpoint; "lab": raw Lab colour, no learning
     radius: int = 6  # window radius at stride 4: (2r+1)^2 = 13x13 candidates per reference (CorrFlow: 6)
-    temperature: Optional[float] = None  # softmax temperature; None: the features' own (model 1.0, lab 0.001)
+    temperature: Optional[float] = None  # softmax temperature; None: the features' own (model 1.0, lab LAB_TEMPERATURE)
     use_first: bool = True  # the first frame and its true labels stay a reference throughout (CorrFlow: no)
     num_recent: int = 3  # N most recent frames, with their predicted labels, as references (CorrFlow: 1)
-    soft_labels: bool = True  # feed back probabilities; False: the argmax at full resolution, as stride-4 one-hots (CorrFlow)
+    soft_labels: bool = True  # feed back probabilities; False: the full-resolution argmax (CorrFlow)
 
 
 PROTOCOLS = {
@@ -85,7 +85,7 @@ class Encoder:
 
 
 LAB_LIGHTNESS_WEIGHT = 1.0  # lightness against colour in `lab_features`: the best of a grid on DAVIS (README)
-LAB_TEMPERATURE = 0.001  # ... and the softmax temperature of the squared distances, from the same grid
+LAB_TEMPERATURE = 0.0007  # ... and the softmax temperature of the squared distances, from the same grid
 
 
 def lab_features(rgb: torch.Tensor) -> torch.Tensor:
@@ -444,9 +444,10 @@ def add_propagation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-recent", type=cmdline.integer(0, 100),
                         help="number of recent frames used as references, 0..100 (preset: 3)")
     parser.add_argument("--temperature", type=cmdline.real(above=0),
-                        help="softmax temperature, > 0 (model: 1.0, lab: 0.001)")
+                        help=f"softmax temperature, > 0 (model: 1.0, lab: {LAB_TEMPERATURE})")
     parser.add_argument("--no-first", action="store_true", help="do not keep the first frame as a reference")
-    parser.add_argument("--hard-labels", action="store_true", help="feed back the one-hot argmax, not probabilities")
+    parser.add_argument("--hard-labels", action="store_true",
+                        help="feed back the argmax (taken at full resolution), not probabilities")
 
 
 def config_from_args(args: argparse.Namespace) -> PropagationConfig:

@@ -338,7 +338,8 @@ def main(cfg: TrainConfig) -> Path:
                 cfg = dataclasses.replace(cfg, steps=total_steps, minutes=0)  # saved: --resume keeps this schedule
                 bar.total = total_steps
                 if master:
-                    print(f"\n{CALIBRATION_STEPS} steps took {time.time() - t_start:.0f} s: the run will take {total_steps} steps")
+                    print(f"\n{CALIBRATION_STEPS} steps took {time.time() - t_start:.0f} s: "
+                          f"the run will take {total_steps} steps")
             if step >= total_steps:
                 break
             if deadline is not None and _past(deadline, ddp, device):

@@ -45,7 +45,8 @@ def test_gpu_run_rehearsal(shared_data, tmp_path):
     assert "| train |" in (out / "bench.md").read_text()
     assert (out / "corrflow.pt").is_file() and (out / "log.csv").is_file()
     assert not (out / "train" / "ckpt.pt").exists()  # only the small exported weights are kept
-    assert "frames/s" in (out / "propagate.md").read_text() and "model (corrflow.pt)" in (out / "propagate.md").read_text()
+    propagated = (out / "propagate.md").read_text()
+    assert "frames/s" in propagated and "model (corrflow.pt)" in propagated
     assert "J&F" in (out / "davis.log").read_text() and "PCK" in (out / "points.log").read_text()
 
 
