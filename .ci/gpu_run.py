@@ -6,7 +6,7 @@
 Inputs, beside the checkout (git-ignored; copy them there before the run): `gpu_data/train_videos_256/` (the
 training clips), optionally `gpu_data/davis/` (DAVIS-layout sequences: scored with the new weights) and
 `gpu_data/keypoints/` (keypoint JSONs of those sequences), and `.whl/av-*.whl` where PyAV is not installed (it is
-installed into OUT/site). Every step runs as a subprocess with its own time limit; a step that fails or runs out
+installed into a temporary folder, not OUT). Every step runs as a subprocess with its own time limit; a step that fails or runs out
 of time is reported and the next one still runs. Everything worth keeping lands in OUT:
 
     tests.log      pytest -m gpu (the interpreter tests when rehearsing)
@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def python_env(out: Path) -> dict:
     except ImportError:
         wheels = glob.glob(str(ROOT / ".whl" / "av-*.whl"))
         if wheels:
-            site = out / "site"
+            site = Path(tempfile.mkdtemp(prefix="corrflow-site-"))  # not under OUT: only results go there
             subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--target",
                             str(site), *wheels], check=True)
             env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
