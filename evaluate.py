@@ -213,6 +213,10 @@ def propagate_davis(root: Path, out_dir: Path, sequences: list[str], args: argpa
     device = torch.device(auto if args.device in (None, "auto") else args.device)
     cfg = propagate.config_from_args(args)
     encoder = propagate.load_encoder(args.checkpoint, cfg.features, device)
+    done = [seq for seq in sequences if any((Path(out_dir) / seq).glob("*.png"))]
+    if done and not getattr(args, "overwrite", False):
+        raise ValueError(f"{out_dir} already holds predictions ({', '.join(done)}); pass --overwrite to replace them, "
+                         "or --predictions to score them")
     for seq in sequences:
         frame_paths = sorted((Path(root) / "JPEGImages" / "480p" / seq).glob("*.jpg"))
         if not frame_paths:
@@ -321,10 +325,6 @@ def main_davis(root: Path, predictions: Path | None, out: Path | None, csv_path:
     if predictions is None:
         if out is None:
             raise ValueError("give --predictions DIR to score, or --out DIR to propagate and score")
-        done = [seq for seq in sequences if any((Path(out) / seq).glob("*.png"))]
-        if done and not getattr(args, "overwrite", False):
-            raise ValueError(f"{out} already holds predictions ({', '.join(done)}); pass --overwrite to replace them, "
-                             "or --predictions to score them")
         propagate_davis(root, out, sequences, args)
         predictions = out
     results = score_davis(root, predictions, sequences)
