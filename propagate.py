@@ -50,8 +50,8 @@ class PropagationConfig:
 
 
 PROTOCOLS = {
-    # first + 3 recent frames, soft labels: the best measured on DAVIS (README): J&F 0.572 with the shipped checkpoint
-    # (the corrflow protocol: 0.510); with Lab colour 0.555 (first + previous frame: 0.543)
+    # first + 3 recent frames, soft labels: the best measured on DAVIS (README): J&F 0.584 with the shipped checkpoint
+    # (the corrflow protocol: 0.535); with Lab colour 0.578
     "default": dict(radius=6, use_first=True, num_recent=3, soft_labels=True),
     # Lai & Xie 2019: previous frame only, its hard argmax, radius 6; temperature stays the features' own (model: 1)
     "corrflow": dict(radius=6, use_first=False, num_recent=1, soft_labels=False),
