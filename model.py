@@ -25,6 +25,11 @@ class ModelConfig:
     temperature: float = 1.0  # softmax temperature of the copy (CorrFlow: raw dot products, i.e. 1)
 
 
+def model_config(saved: dict) -> ModelConfig:
+    """A ModelConfig from its dict as checkpoints store it (tuples come back from torch.load as lists)."""
+    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
 class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
@@ -94,7 +99,7 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a CorrFlow checkpoint (expected format '{CHECKPOINT_FORMAT}')")
     try:  # a file with the right format tag can still lack a part, or hold something else in it
-        config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()})
+        config = model_config(ckpt["model_config"])
         model = CorrFlow(config)
         model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
         centroids = ckpt.get("centroids")

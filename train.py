@@ -29,7 +29,7 @@ from tqdm import tqdm
 import cli as cmdline  # the module; `cli` below is this file's entry point
 from data import ClipDataset, RunBatches, fit_centroids, quantise
 from model import (CHECKPOINT_FORMAT, CorrFlow, ModelConfig, copy_labels, downsample_labels, export_weights,
-                   load_checkpoint)
+                   load_checkpoint, model_config)
 
 
 @dataclass
@@ -186,7 +186,7 @@ def resumed_config(cfg: TrainConfig, saved: dict, ckpt_path: Path, master: bool 
     halfway (the lr milestones and p(gt) are spread over it), so a longer run is refused with what to do instead."""
     try:
         saved = dict(saved)
-        saved["model"] = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["model"].items()})
+        saved["model"] = model_config(saved["model"])
         saved["lr_halve_at"] = tuple(saved["lr_halve_at"])
         saved = TrainConfig(**saved)
     except (TypeError, KeyError, AttributeError):  # settings of another version of this file
