@@ -1,7 +1,7 @@
 """Benchmarks: the restricted-attention op alone, one training iteration, and 480p mask propagation.
 
     python bench.py                                  # every part: kernel, train, propagate
-    python bench.py kernel --dtype both              # the op alone; bf16 runs on GPU only
+    python bench.py kernel --dtype both              # the op alone; on a CPU only the fp32 reference
     python bench.py train --data gpu_data/train_videos_256 --workers 8
     python bench.py --device cpu --quick             # smaller everything, for a smoke test
 
@@ -188,7 +188,7 @@ def bench_kernel(device, dtypes, quick) -> list:
     bandwidth = copy_bandwidth(device)
     reps = 1 if quick else 3
     rows = []
-    for case, dtype_name in itertools.product(KERNEL_CASES, dtypes):
+    for case, dtype_name in itertools.product(KERNEL_CASES, dtypes if cuda else ["fp32"]):  # CPU: the fp32 ref
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
         B, note = case["B"], ""
         if not cuda and case["backward"]:  # seconds per run at B=48 on a CPU: keep the case under a minute
@@ -260,7 +260,8 @@ def train_step(model, optimizer, batch, centroids, cfg: TrainConfig, device, bf1
     lap("prep")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         x = x.flatten(0, 1).contiguous(memory_format=memory_format)  # (B*3, 3, H, W)
-        f0, f1, f2 = model(x).view(B, 3, -1, *labels.shape[-2:]).unbind(1)  # each (B, 64, H/4, W/4)
+        feats = model(x).float() if device.type == "cpu" else model(x)  # train.py: fp32 copies on the CPU
+        f0, f1, f2 = feats.view(B, 3, -1, *labels.shape[-2:]).unbind(1)  # each (B, 64, H/4, W/4)
         lap("encoder")
         p1, p2, p0_short, p0_long = colourise(f0, f1, f2, labels, True, cfg.model.radius, cfg.model.temperature)
         lap("copy")
@@ -298,7 +299,7 @@ def bench_train(device, dtypes, quick, data, workers) -> list:
     if cuda:  # (clips per step, frame size); (warm-up steps, timed steps, loader batches)
         shapes, (warmup, reps, n_batches) = [(6, 256), (48, 256)][:2 - quick], (2, 3, 4) if quick else (3, 10, 12)
     else:  # one to two minutes on 2 cores
-        shapes = [(2, 128), (6, 128)][:2 - quick]
+        shapes = [(4, 128), (6, 128)][:2 - quick]
         warmup, reps, n_batches = (1, 1, 2) if quick else (1, 2, 3)
     ops = ("ref", "fused") if cuda else ("ref",)
     cfg = TrainConfig()
@@ -446,10 +447,7 @@ def main(parts, device="auto", dtype=None, quick=False, data="../shared/data/tra
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True  # as train.py
-    dtypes = {"fp32": ["fp32"], "bf16": ["bf16"], "both": ["bf16", "fp32"]}[dtype or ("both" if cuda else "fp32")]
-    if not cuda and dtypes != ["fp32"]:
-        print("bf16 is measured on GPU only: fp32 on this CPU", flush=True)
-        dtypes = ["fp32"]
+    dtypes = {"fp32": ["fp32"], "bf16": ["bf16"], "both": ["bf16", "fp32"]}[dtype or "both"]
     workers = (4 if cuda else 1) if workers is None else workers
     rows, walls = [], {}
     for part in parts or PARTS:
@@ -469,7 +467,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("parts", nargs="*", help="kernel, train and/or propagate (default: all three)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], help="default: both on GPU, fp32 on CPU")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], help="default: both")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller cases")
     parser.add_argument("--data", default="../shared/data/train_videos_256", help="training videos for the loader")
     parser.add_argument("--workers", type=int, help="DataLoader processes (default: 4 on GPU, 1 on CPU)")

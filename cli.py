@@ -170,6 +170,19 @@ def optional(check: Callable) -> Callable:
     return check_or_empty
 
 
+def choice(*options: str) -> Callable:
+    """argparse type: one of `options`."""
+    want = "one of " + ", ".join(options)
+
+    def check(text: str) -> str:
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {_shown(text)}")
+        return text
+
+    check.want = want
+    return check
+
+
 def device(text: str) -> str:
     """argparse type: auto | cpu | cuda, cuda only where torch sees a GPU (else it fails deep inside the run)."""
     if text not in ("auto", "cpu", "cuda"):

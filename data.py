@@ -33,6 +33,8 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 INDEX_NAME = ".corrflow_index.json"
 INDEX_VERSION = 1
 JITTER_STRENGTH = 0.1  # brightness, contrast, saturation and hue jitter (CorrFlow: 0.1 each)
+SAMPLINGS = ("clips", "videos")  # every clip start equally likely (CorrFlow), or every video, then a start in it
+GREY_SPREAD = 0.01  # a clip whose pixels' max - min over R, G, B averages below this has no colour to learn
 
 
 class VideoError(ValueError):
@@ -312,12 +314,17 @@ class ClipDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: Union[str, Path], num_frames: int = 3, frame_gap: int = 4, size: int = 256,
-                 jitter_p: float = 0.1, seed: int = 0, in_memory: bool = False, cache: bool = True):
+                 jitter_p: float = 0.1, seed: int = 0, in_memory: bool = False, cache: bool = True, crop: int = 0,
+                 sampling: str = "clips"):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"video folder not found: {self.root}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, not {sampling!r}")
+        if crop > size:
+            raise ValueError(f"a {crop}x{crop} crop does not fit in frames {size} pixels on their short side")
         self.num_frames, self.frame_gap, self.size, self.jitter_p = num_frames, frame_gap, size, jitter_p
-        self.seed = seed
+        self.seed, self.crop, self.sampling = seed, crop, sampling
         self.span = (num_frames - 1) * frame_gap + 1  # frames a clip covers: 9 for CorrFlow's (0, 4, 8)
         paths = find_videos(self.root)
         cached = _load_index(self.root) if cache else {}
@@ -364,6 +371,7 @@ class ClipDataset(torch.utils.data.Dataset):
             warnings.warn(f"skipping {reason}")
         self.index_file = _save_index(self.root, index) if cache and index != cached else None
         self._failed = set()  # videos that failed while sampling, warned about once per process
+        self._grey = set()  # black-and-white videos found while sampling: skipped from then on
         # clip starts of all videos end to end: start k of the run belongs to video bisect(ends, k)
         self._ends = np.cumsum([n - self.span + 1 for _, n in self.videos])
         self.frames = None
@@ -380,12 +388,18 @@ class ClipDataset(torch.utils.data.Dataset):
         return sum(n // self.span for _, n in self.videos)
 
     def _resize(self, frames: Iterable[np.ndarray]) -> torch.Tensor:
-        """(H, W, 3) uint8 frames -> (T, 3, size, size) float in [0, 1]."""
+        """(H, W, 3) uint8 frames -> (T, 3, size, size) float in [0, 1], or with `crop`, (T, 3, h, w) scaled to
+        `size` on the short side, aspect kept (the crop is taken per sample)."""
         out = []
         for frame in frames:
             x = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
-            # aspect not kept (CorrFlow); antialias so that downscaling big frames does not alias
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+            H, W = x.shape[-2:]
+            # squash: aspect not kept (CorrFlow); crop: the short side at `size`, so a 128 crop of a 256-scale
+            # frame shows objects at the size CorrFlow trains at. Antialias so that downscaling does not alias
+            hw = (self.size, self.size) if not self.crop else (
+                (self.size, max(self.size, round(W * self.size / H))) if H <= W else
+                (max(self.size, round(H * self.size / W)), self.size))
+            x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
             out.append(x[0])
         return torch.stack(out).clamp(0, 1) if out else torch.empty(0, 3, self.size, self.size)
 
@@ -405,9 +419,16 @@ class ClipDataset(torch.utils.data.Dataset):
     def __getitem__(self, n: int) -> dict:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(n))
         for _ in range(10):
-            k = int(torch.randint(0, int(self._ends[-1]), (), generator=g))  # one of all clip starts
-            v = int(np.searchsorted(self._ends, k, side="right"))
-            path, start = self.videos[v][0], k - (int(self._ends[v - 1]) if v else 0)
+            if self.sampling == "clips":
+                k = int(torch.randint(0, int(self._ends[-1]), (), generator=g))  # one of all clip starts
+                v = int(np.searchsorted(self._ends, k, side="right"))
+                start = k - (int(self._ends[v - 1]) if v else 0)
+            else:  # a video, then one of its clip starts: a few long videos cannot take most of the samples
+                v = int(torch.randint(0, len(self.videos), (), generator=g))
+                start = int(torch.randint(0, self.videos[v][1] - self.span + 1, (), generator=g))
+            path = self.videos[v][0]
+            if path in self._grey:
+                continue
             try:
                 clean = self.load_clip(path, start)
             except VideoError as e:
@@ -416,6 +437,15 @@ class ClipDataset(torch.utils.data.Dataset):
                     self._failed.add(path)
                     warnings.warn(f"skipping a clip of {path}: {e}")
                 continue
+            if (clean.amax(1) - clean.amin(1)).mean() < GREY_SPREAD:  # one colour class: no gradient to learn from
+                self._grey.add(path)
+                warnings.warn(f"skipping {path}: no colour (black and white), nothing to colourise")
+                continue
+            if self.crop:  # one window for all frames of the clip
+                h, w = clean.shape[-2:]
+                top = int(torch.randint(0, h - self.crop + 1, (), generator=g))
+                left = int(torch.randint(0, w - self.crop + 1, (), generator=g))
+                clean = clean[..., top:top + self.crop, left:left + self.crop].contiguous()
             jitter = float(torch.rand((), generator=g)) < self.jitter_p  # one coin per sample, factors per frame
             frames = colour_jitter(clean, generator=g) if jitter else clean.clone()
             return {"frames": frames, "clean": clean}
@@ -424,18 +454,20 @@ class ClipDataset(torch.utils.data.Dataset):
 
 class RunBatches(torch.utils.data.Sampler):
     """Batches of sample numbers for the steps `start_step` .. `total_steps` - 1 of a run (a batch sampler for
-    ClipDataset). Step s holds the global samples s * batch_size * world ... ; under torchrun, process `rank` takes
-    its slice of each global batch."""
+    ClipDataset). Step s holds the global samples offset + s * batch_size * world ... ; under torchrun, process
+    `rank` takes its slice of each global batch."""
 
-    def __init__(self, batch_size: int, start_step: int, total_steps: int, rank: int = 0, world: int = 1):
+    def __init__(self, batch_size: int, start_step: int, total_steps: int, rank: int = 0, world: int = 1,
+                 offset: int = 0):
         self.b, self.start, self.total, self.rank, self.world = batch_size, start_step, total_steps, rank, world
+        self.offset = offset  # samples of the runs this one continues: its stream starts after theirs
 
     def __len__(self):
         return self.total - self.start
 
     def __iter__(self):
         for step in range(self.start, self.total):
-            first = (step * self.world + self.rank) * self.b
+            first = self.offset + (step * self.world + self.rank) * self.b
             yield list(range(first, first + self.b))
 
 

@@ -118,6 +118,7 @@ def export_weights(src, dst):
         "model_config": ckpt["model_config"],
         "centroids": ckpt["centroids"],
         "step": ckpt.get("step"),
+        "samples_seen": ckpt.get("samples_seen"),
         "train_config": ckpt.get("train_config"),
     }
     dst = Path(dst)

@@ -9,6 +9,7 @@ softmax over local feature similarities. The four mechanisms of the paper are ma
 colour dropout (information bottleneck), 16-cluster cross-entropy, scheduled sampling, cycle consistency.
 """
 import argparse
+import copy
 import csv
 import dataclasses
 import functools
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli as cmdline  # the module; `cli` below is this file's entry point
-from data import ClipDataset, RunBatches, fit_centroids, quantise
+from data import SAMPLINGS, ClipDataset, RunBatches, fit_centroids, quantise
 from model import (CHECKPOINT_FORMAT, CorrFlow, ModelConfig, copy_labels, downsample_labels, export_weights,
                    load_checkpoint, model_config)
 
@@ -41,8 +42,11 @@ class TrainConfig:
     minutes: float = 0.0  # wall-clock budget instead of steps: 20 steps are timed, then the step count is fixed to what fits (p(gt) and fractional lr points spread over it); saves and exports when time is up
     batch_size: int = 6  # clips per step (per process under torchrun); CorrFlow: 6
     lr: float = 2e-4  # Adam, betas (0.9, 0.999) (CorrFlow)
-    lr_halve_at: tuple = (400_000, 600_000, 800_000, 1_000_000)  # samples seen at which lr halves (CorrFlow); values <= 1 are fractions of the run, e.g. 0.5 0.75 for a short one
-    size: int = 256  # frames resized to size x size (CorrFlow: 256)
+    lr_halve_at: tuple = (400_000, 600_000, 800_000, 1_000_000)  # samples seen at which lr halves (CorrFlow); values <= 1 are fractions of the run, e.g. 0.5 0.75 for a short one, 1 for a constant lr
+    warmup_steps: int = 0  # lr rises linearly over these first steps; a run started with --init from weights without optimiser state gets INIT_WARMUP
+    size: int = 256  # frames resized to size x size (CorrFlow: 256); with --crop, to this on their short side
+    crop: int = 0  # > 0: train on random crop x crop windows of frames scaled to `size` on their short side, aspect kept (objects and motion at the scale of `size`, at the cost of crop^2); 0: the whole squashed frame (CorrFlow)
+    sampling: str = "clips"  # clips: every clip start of every video equally likely (CorrFlow); videos: every video equally likely, then a start in it
     frame_gap: int = 4  # frames 0, gap, 2*gap of a clip (CorrFlow: 4)
     jitter_p: float = 0.1  # colour jitter probability per clip (CorrFlow: 0.1)
     dropout_none_p: float = 0.3  # colour dropout: probability of dropping no channel (CorrFlow: 0.3)
@@ -51,14 +55,18 @@ class TrainConfig:
     cycle_weight: float = 0.1  # weight of the cycle-consistency loss (CorrFlow: 0.1)
     num_clusters: int = 16  # colour classes (CorrFlow: 16)
     centroids: str = ""  # a .pt file of (num_clusters, 2) centroids; empty: fit them on the training videos
-    init: str = ""  # start from these weights (a checkpoint train.py wrote) and their centroids; optimiser fresh
+    init: str = ""  # start from these weights (a checkpoint train.py wrote) and their centroids, continuing its sample stream (and its optimiser state, from a training checkpoint)
     in_memory: bool = False  # decode every video once into memory at the training size (uint8): small sets, fast GPUs
     model: ModelConfig = field(default_factory=ModelConfig)
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # the encoder's: bf16 (autocast, channels-last) | fp32 | auto: bf16 on CUDA, and on a CPU where a quick probe finds it faster; copies and loss stay fp32 on the CPU
     workers: int = 4  # data loader processes
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500
+    val_every: int = 250  # steps between scores of the fixed validation triplets (log.csv's val_ce); 0: never
+    val_clips: int = 32  # validation triplets: true labels, no jitter or dropout, the same at every score
+    sample_offset: int = 0  # samples seen by the runs this one continues (--init): its stream starts after them (set from --init, not a flag)
     resume: bool = False  # continue from <out>/ckpt.pt with the saved run's settings and schedule (other flags are ignored, and listed); to train longer, start a new run from its weights: --init <out>/ckpt.pt --out NEW --steps M
 
 
@@ -69,7 +77,9 @@ CHECKS = {
     "init": cmdline.optional(cmdline.existing_file), "device": cmdline.device,
     "steps": cmdline.integer(0), "epochs": cmdline.integer(1), "minutes": cmdline.real(0),
     "batch_size": cmdline.integer(1), "lr": cmdline.real(above=0), "lr_halve_at": cmdline.real(above=0),
-    "size": cmdline.integer(16, multiple_of=4), "frame_gap": cmdline.integer(1), "radius": cmdline.integer(0, 64),
+    "size": cmdline.integer(16, multiple_of=4), "crop": cmdline.integer(0, multiple_of=4),
+    "sampling": cmdline.choice(*SAMPLINGS), "precision": cmdline.choice("auto", "bf16", "fp32"),
+    "warmup_steps": cmdline.integer(0), "val_every": cmdline.integer(0), "val_clips": cmdline.integer(1), "frame_gap": cmdline.integer(1), "radius": cmdline.integer(0, 64),
     "jitter_p": cmdline.real(0, 1), "dropout_none_p": cmdline.real(0, 1), "p_gt_start": cmdline.real(0, 1),
     "p_gt_end": cmdline.real(0, 1), "cycle_weight": cmdline.real(0), "num_clusters": cmdline.integer(2, 256),
     "workers": cmdline.integer(0), "seed": cmdline.integer(0, 2**32 - 1),  # numpy's and k-means' seeds stop there
@@ -77,7 +87,8 @@ CHECKS = {
 }
 SCHEDULE = ("steps", "epochs", "minutes", "batch_size")  # what --resume may not change: the run's length
 # --resume takes these from the command line: they belong to the machine, not to the run
-MACHINE_LOCAL = ("data", "out", "device", "workers", "resume", "log_every", "ckpt_every", "in_memory")
+MACHINE_LOCAL = ("data", "out", "device", "workers", "resume", "log_every", "ckpt_every", "in_memory", "precision")
+INIT_WARMUP = 50  # lr warm-up steps of a run started from weights whose optimiser state is not in the file
 
 
 # ------------------------------------------------------------------------------------------- the method's parts
@@ -85,9 +96,10 @@ MACHINE_LOCAL = ("data", "out", "device", "workers", "resume", "log_every", "ckp
 
 def get_lr(step: int, total_steps: int, cfg: TrainConfig, world: int = 1) -> float:
     """CorrFlow's schedule: lr halves each time the number of samples seen passes a milestone. A milestone <= 1 is
-    a fraction of the run's samples, so that a short run decays too."""
+    a fraction of the run's samples, so that a short run decays too. An optional linear warm-up comes first."""
     seen, run = step * cfg.batch_size * world, total_steps * cfg.batch_size * world
-    return cfg.lr * 0.5 ** sum(seen >= (m * run if m <= 1 else m) for m in cfg.lr_halve_at)
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    return warm * cfg.lr * 0.5 ** sum(seen >= (m * run if m <= 1 else m) for m in cfg.lr_halve_at)
 
 
 def p_ground_truth(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -144,6 +156,27 @@ def nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.nll_loss(torch.log(probs + 1e-8), target)
 
 
+@torch.no_grad()
+def validation_ce(model, batches, centroids, cfg: TrainConfig, encode) -> float:
+    """A measure of learning that batch losses are too noisy to give: on fixed triplets (true labels, no jitter or
+    dropout, BatchNorm in eval mode as at test time), the cross-entropy of frames 1 and 2 copied from the true
+    labels of frames 0 and 1, minus its floor: the cross-entropy of each frame's own stride-4 labels upsampled
+    (what a perfect copy would score). 0 is perfect; lower is better."""
+    model.eval()
+    total = 0.0
+    for clean in batches:  # (B, 3, 3, H, W)
+        B = clean.shape[0]
+        target, labels = colour_targets(clean, centroids)
+        f0, f1, f2 = encode(clean.flatten(0, 1)).view(B, 3, -1, *labels.shape[-2:]).unbind(1)
+        p1 = copy_labels(f1, f0[:, None], labels[:, :1].to(f0.dtype), cfg.model.radius, cfg.model.temperature)
+        p2 = copy_labels(f2, f1[:, None], labels[:, 1:2].to(f1.dtype), cfg.model.radius, cfg.model.temperature)
+        ce = nll(p1, target[:, 1]) + nll(p2, target[:, 2])
+        floor = nll(labels[:, 1], target[:, 1]) + nll(labels[:, 2], target[:, 2])
+        total += float(ce - floor) / 2 * B
+    model.train()
+    return total / sum(len(c) for c in batches)
+
+
 # ------------------------------------------------------------------------------------------- data and checkpoints
 
 
@@ -159,10 +192,22 @@ def rng_states():
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def checkpoint(model, optimizer, step, cfg, centroids):
+def checkpoint(model, optimizer, step, cfg, centroids, world=1):
+    # samples_seen counts those of the runs this one continues: a run started from this file with --init goes on
+    # from there (with its own data and draws), instead of replaying the same stream
     return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "step": step, "train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(cfg.model),
+            "step": step, "samples_seen": cfg.sample_offset + step * cfg.batch_size * world,
+            "train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(cfg.model),
             "centroids": centroids.cpu(), "rng": rng_states()}
+
+
+def samples_seen(ckpt: dict) -> int:
+    """How many samples the runs behind a checkpoint saw (files written before this count: their own step count
+    times batch size, which is right for single-process runs)."""
+    if ckpt.get("samples_seen") is not None:
+        return int(ckpt["samples_seen"])
+    saved = ckpt.get("train_config") or {}
+    return int(saved.get("sample_offset", 0)) + int(ckpt.get("step") or 0) * int(saved.get("batch_size", 1))
 
 
 def load_training_state(path: Path) -> dict:
@@ -263,12 +308,16 @@ def main(cfg: TrainConfig) -> Path:
         cfg = resumed_config(cfg, state["train_config"], ckpt_path, master)
     # every file given is read before any work, so that a bad one stops the run at once
     init = None if state is not None or not cfg.init else load_checkpoint(cfg.init)
+    if init is not None:  # continue its stream of samples; warm up unless its optimiser state comes along
+        fresh_adam = "optimizer" not in init[2]
+        cfg = dataclasses.replace(cfg, sample_offset=samples_seen(init[2]),
+                                  warmup_steps=cfg.warmup_steps or (INIT_WARMUP if fresh_adam else 0))
     given_centroids = load_centroids(cfg.centroids) if state is None and init is None and cfg.centroids else None
     torch.manual_seed(cfg.seed)
 
     # -- data: clips of 3 frames `frame_gap` apart; the colour classes' centroids
     clips = ClipDataset(cfg.data, num_frames=3, frame_gap=cfg.frame_gap, size=cfg.size, jitter_p=cfg.jitter_p,
-                        seed=cfg.seed, in_memory=cfg.in_memory)
+                        seed=cfg.seed, in_memory=cfg.in_memory, crop=cfg.crop, sampling=cfg.sampling)
     if state is not None:
         centroids = state["centroids"]
     elif init is not None:
@@ -295,6 +344,11 @@ def main(cfg: TrainConfig) -> Path:
     step = 0
     if init is not None:
         model.load_state_dict(init[0].state_dict())
+        if "optimizer" in init[2]:
+            try:
+                optimizer.load_state_dict(init[2]["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"{cfg.init}: its optimiser state does not fit this model ({e})") from None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -305,19 +359,34 @@ def main(cfg: TrainConfig) -> Path:
         if master:
             print(f"resuming {ckpt_path} at step {step}/{total_steps}")
     raw_model = model
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (device.type == "cuda" or _bf16_faster(
+        model, cfg.crop or cfg.size, master)))
+    memory_format = torch.channels_last if bf16 else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
         if ddp:  # batch statistics over the global batch (SyncBatchNorm needs GPUs)
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
         raw_model = model.module
-    sampler = RunBatches(cfg.batch_size, step, total_steps, rank, world)
+    sampler = RunBatches(cfg.batch_size, step, total_steps, rank, world, offset=cfg.sample_offset)
     loader = torch.utils.data.DataLoader(clips, batch_sampler=sampler,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=False)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def encode(x):  # (N, 3, H, W) -> (N, 64, H/4, W/4); the CPU's reference copy and the loss stay in fp32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            feats = model(x.contiguous(memory_format=memory_format))
+        return feats.float() if device.type == "cpu" else feats
+
+    # fixed validation triplets: samples of another seed, without jitter (the first process scores them)
+    val_batches = []
+    if master and cfg.val_every:
+        val = copy.copy(clips)
+        val.seed, val.jitter_p = cfg.seed + 1, 0.0
+        items = [val[n]["clean"] for n in range(cfg.val_clips)]
+        val_batches = [torch.stack(items[i:i + cfg.batch_size]).to(device) for i in range(0, len(items), cfg.batch_size)]
+    val_model = lambda x: raw_model(x.contiguous(memory_format=memory_format)).float()  # noqa: E731
     log_path = out / "log.csv"
     if master:
         _trim_log(log_path, step)
@@ -350,7 +419,8 @@ def main(cfg: TrainConfig) -> Path:
             lr = get_lr(step, total_steps, cfg, world)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # same draws on every process
+            # the same draws on every process; a run continued with --init goes on past its source's draws
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + cfg.sample_offset + step)
             frames = batch["frames"].to(device, non_blocking=True)  # (B, 3 frames, 3, H, W) jittered input
             clean = batch["clean"].to(device, non_blocking=True)  # (B, 3, 3, H, W) targets come from these
             B = frames.shape[0]
@@ -358,22 +428,20 @@ def main(cfg: TrainConfig) -> Path:
 
             # 1. colour dropout: the same 1 or 2 channels zeroed for the whole batch (or none, p=0.3)
             x, _ = colour_dropout(frames, cfg.dropout_none_p, gen)
-            with autocast:
-                # each frame encoded once per iteration and every copy below reuses these features (the original
-                # re-encodes per copy; one difference: BatchNorm's batch statistics here pool all three frames)
-                x = x.flatten(0, 1).contiguous(memory_format=memory_format)  # (B*3, 3, H, W)
-                f0, f1, f2 = model(x).view(B, 3, -1, *labels.shape[-2:]).unbind(1)  # each (B, 64, H/4, W/4)
+            # each frame encoded once per iteration and every copy below reuses these features (the original
+            # re-encodes per copy; one difference: BatchNorm's batch statistics here pool all three frames)
+            f0, f1, f2 = encode(x.flatten(0, 1)).view(B, 3, -1, *labels.shape[-2:]).unbind(1)  # (B, 64, H/4, W/4)
 
-                # 2. short-term colourisation, 0 -> 1 from true labels, 1 -> 2 with 3. scheduled sampling:
-                #    true labels of frame 1 with probability p_gt, else the model's own soft prediction (with grad);
-                # 4. cycle consistency on own predictions: 0 -> 1 -> 0 and 0 -> 1 -> 2 -> 1 -> 0 reconstruct frame 0
-                p_gt = p_ground_truth(step, total_steps, cfg)
-                use_gt = bool(torch.rand((), generator=gen) < p_gt)
-                p1, p2, p0_short, p0_long = colourise(f0, f1, f2, labels, use_gt, cfg.model.radius,
-                                                      cfg.model.temperature)  # each (B, 16, H/4, W/4)
-                short = nll(p1, target[:, 1]) + nll(p2, target[:, 2])  # 16-cluster cross-entropy
-                cycle = nll(p0_short, target[:, 0]) + nll(p0_long, target[:, 0])
-                loss = short + cfg.cycle_weight * cycle
+            # 2. short-term colourisation, 0 -> 1 from true labels, 1 -> 2 with 3. scheduled sampling:
+            #    true labels of frame 1 with probability p_gt, else the model's own soft prediction (with grad);
+            # 4. cycle consistency on own predictions: 0 -> 1 -> 0 and 0 -> 1 -> 2 -> 1 -> 0 reconstruct frame 0
+            p_gt = p_ground_truth(step, total_steps, cfg)
+            use_gt = bool(torch.rand((), generator=gen) < p_gt)
+            p1, p2, p0_short, p0_long = colourise(f0, f1, f2, labels, use_gt, cfg.model.radius,
+                                                  cfg.model.temperature)  # each (B, 16, H/4, W/4)
+            short = nll(p1, target[:, 1]) + nll(p2, target[:, 2])  # 16-cluster cross-entropy
+            cycle = nll(p0_short, target[:, 0]) + nll(p0_long, target[:, 0])
+            loss = short + cfg.cycle_weight * cycle
 
             bad = (~torch.isfinite(loss.detach())).float()
             if ddp:
@@ -388,23 +456,26 @@ def main(cfg: TrainConfig) -> Path:
             bar.update(1)
 
             last = step == total_steps or (deadline is not None and time.time() > deadline)  # a timed run's too
-            if master and (step % cfg.log_every == 0 or last):
+            scored = master and cfg.val_every and (step % cfg.val_every == 0 or last or step == 1)
+            val_ce = validation_ce(raw_model, val_batches, centroids, cfg, val_model) if scored else None
+            if master and (step % cfg.log_every == 0 or last or scored):
                 now = time.time()
                 clips_per_s = (step - step_last) * B * world / max(now - t_last, 1e-9)
                 # data_wait: share of the time spent waiting for the loader; near 0 when it keeps up
                 row = {"step": step, "loss": loss.item(), "short": short.item(), "cycle": cycle.item(),
                        "p_gt": round(p_gt, 4), "lr": lr, "clips_per_s": round(clips_per_s, 2),
-                       "data_wait": round(waited / max(now - t_last, 1e-9), 3)}
+                       "data_wait": round(waited / max(now - t_last, 1e-9), 3),
+                       "val_ce": "" if val_ce is None else round(val_ce, 4)}
                 t_last, step_last, waited = now, step, 0.0
                 _append_log(log_path, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", p_gt=f"{p_gt:.2f}", clips_s=f"{clips_per_s:.1f}",
                                 wait=f"{row['data_wait']:.0%}")
             if master and (step % cfg.ckpt_every == 0 or step == total_steps):
-                save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids), ckpt_path)
+                save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids, world), ckpt_path)
             t_ready = time.time()
     except KeyboardInterrupt:
         if master:
-            save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids), ckpt_path)
+            save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids, world), ckpt_path)
             bar.close()
             print(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume")
         if ddp:
@@ -415,7 +486,7 @@ def main(cfg: TrainConfig) -> Path:
     if master:
         if step < total_steps:  # the time budget ran out before the planned steps
             print(f"time budget of {(deadline - t_start) / 60:.1f} min spent at step {step} of {total_steps}")
-        save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids), ckpt_path)
+        save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids, world), ckpt_path)
         export_weights(ckpt_path, weights)
         print(f"done: {step} steps; checkpoint {ckpt_path}, weights for propagate.py {weights}")
     if ddp:
@@ -424,6 +495,31 @@ def main(cfg: TrainConfig) -> Path:
 
 
 CALIBRATION_STEPS = 20  # --minutes: steps timed before the run's length is fixed
+
+
+def _bf16_faster(model, size: int, master: bool) -> bool:
+    """--precision auto on a CPU: time the encoder's forward + backward on 2 frames in fp32 and in bf16 autocast
+    (channels-last), the better of 2 runs each after a warm-up; bf16 only where it wins by 10%. Some CPUs have
+    bf16 units (AVX512-BF16, AMX), on others it is emulated and slower. A few seconds, once per run."""
+    x = torch.rand(2, 3, size, size)
+    model = copy.deepcopy(model)  # the probe's forwards must not move the real model's BatchNorm statistics
+    times = {}
+    for bf16 in (False, True):
+        fmt = torch.channels_last if bf16 else torch.contiguous_format
+        net, inp = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+        laps = []
+        for _ in range(3):
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = net(inp)
+            y.float().sum().backward()
+            laps.append(time.perf_counter() - t)
+        times[bf16] = min(laps[1:])
+    faster = times[True] < 0.9 * times[False]
+    if master:
+        print(f"encoder fwd+bwd of 2 frames at {size}x{size}: fp32 {times[False] * 1e3:.0f} ms, bf16 "
+              f"{times[True] * 1e3:.0f} ms: training in {'bf16' if faster else 'fp32'} (--precision to choose)")
+    return faster
 
 
 def _steps_that_fit(step: int, done: int, spent: float, left: float, ddp: bool, device: torch.device) -> int:
@@ -478,7 +574,7 @@ def parse_args(argv=None) -> TrainConfig:
     # each flag's help is the comment on its field in TrainConfig, then what it accepts
     comments = _field_comments()
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "model":
+        if f.name in ("model", "sample_offset"):  # set from the checkpoints, not on the command line
             continue
         flag, default, doc = "--" + f.name.replace("_", "-"), f.default, comments.get(f.name, "")
         check = CHECKS.get(f.name)
