@@ -47,6 +47,7 @@ class PropagationConfig:
     use_first: bool = True  # the first frame and its true labels stay a reference throughout (CorrFlow: no)
     num_recent: int = 3  # N most recent frames, with their predicted labels, as references (CorrFlow: 1)
     soft_labels: bool = True  # feed back probabilities; False: the full-resolution argmax (CorrFlow)
+    scale: float = 1.0  # frames are encoded at this fraction of their size (0.5: about 4x fewer encoder FLOPs and a window covering twice the motion); masks and points are still written at full size
 
 
 PROTOCOLS = {
@@ -116,11 +117,32 @@ def load_encoder(checkpoint: Optional[str | Path], features: Optional[str], devi
 # Propagation
 
 
-def to_tensor(frame: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (1, 3, H', W') float in [0, 1], right/bottom edge replicated up to multiples of 4."""
+def scaled_size(H: int, W: int, scale: float) -> tuple[int, int]:
+    """The size a H x W frame is encoded at (before padding to multiples of 4)."""
+    return (H, W) if scale == 1 else (max(STRIDE, round(H * scale)), max(STRIDE, round(W * scale)))
+
+
+def to_grid(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-pixel maps (1, C, H, W) -> the encoded frame's (1, C, H', W'): resized by `scale` (area-weighted, so
+    that labels stay averages), right/bottom edge replicated up to multiples of 4."""
+    size = scaled_size(*x.shape[-2:], scale)
+    if size != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return F.pad(x, (0, -size[1] % STRIDE, 0, -size[0] % STRIDE), mode="replicate")
+
+
+def to_tensor(frame: np.ndarray, device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, H', W') float in [0, 1]: scaled by `scale`, padded to multiples of 4."""
     rgb = torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1)[None].float() / 255
-    H, W = frame.shape[:2]
-    return F.pad(rgb, (0, -W % STRIDE, 0, -H % STRIDE), mode="replicate")
+    return to_grid(rgb, scale)
+
+
+def to_frame(probs: torch.Tensor, H: int, W: int, scale: float) -> torch.Tensor:
+    """Stride-4 probabilities (1, K, h, w) of a frame encoded at `scale` -> (1, K, H, W) at the frame's own size:
+    upsampled to the encoded frame, its padding cut off, then (when scale != 1) resized to H x W."""
+    h, w = scaled_size(H, W, scale)
+    full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)[..., :h, :w]
+    return full if (h, w) == (H, W) else F.interpolate(full, size=(H, W), mode="bilinear", align_corners=False)
 
 
 @torch.inference_mode()
@@ -133,7 +155,7 @@ def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: to
     nxt = next(frames, None)  # look one frame ahead so that a one-frame video fails before any output
     if nxt is None:
         raise ValueError("the video has a single frame: nothing to propagate")
-    _, first_key = encoder(to_tensor(first, device))  # (1, C, h, w)
+    _, first_key = encoder(to_tensor(first, device, cfg.scale))  # (1, C, h, w)
     recent = deque(maxlen=cfg.num_recent)  # (key (1, C, h, w), labels (1, K, h, w)) of the last N frames
     if not cfg.use_first:
         recent.append((first_key, first_labels))
@@ -142,7 +164,7 @@ def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: to
         if frame.shape != first.shape:
             raise ValueError(f"frame size changed from {first.shape[1]}x{first.shape[0]} "
                              f"to {frame.shape[1]}x{frame.shape[0]}")
-        query, key = encoder(to_tensor(frame, device))  # (1, C, h, w) each
+        query, key = encoder(to_tensor(frame, device, cfg.scale))  # (1, C, h, w) each
         refs = ([(first_key, first_labels)] if cfg.use_first else []) + list(recent)  # at most N + 1
         ref_keys = torch.stack([k for k, _ in refs], 1)  # (1, R, C, h, w)
         ref_labels = torch.stack([v for _, v in refs], 1)  # (1, R, K, h, w)
@@ -189,15 +211,13 @@ def propagate_masks(frames: Iterable[np.ndarray], first_mask: np.ndarray, cfg: P
     ids = object_ids(first_mask)
     lut = np.concatenate([[0], ids]).astype(np.uint8)  # channel -> object id
     channels = np.searchsorted(lut, first_mask)  # (H, W) channel index; lut is sorted as ids are
-    channels = np.pad(channels, ((0, -H % STRIDE), (0, -W % STRIDE)), mode="edge")  # (H', W')
     one_hot = F.one_hot(torch.from_numpy(channels).to(device), len(lut)).permute(2, 0, 1)[None].float()
-    first_labels = downsample_labels(one_hot)  # (1, K, H'/4, W'/4), soft at object borders
+    first_labels = downsample_labels(to_grid(one_hot, cfg.scale))  # (1, K, H'/4, W'/4), soft at object borders
     for i, probs in enumerate(_propagate(first, frames, first_labels, cfg, encoder, device)):
         if i == 0:
             yield first_mask.astype(np.uint8)
             continue
-        full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)  # (1, K, H', W')
-        yield lut[full[0, :, :H, :W].argmax(0).cpu().numpy()]
+        yield lut[to_frame(probs, H, W, cfg.scale)[0].argmax(0).cpu().numpy()]  # argmax at full size
 
 
 def gaussian_heatmaps(points: np.ndarray, h: int, w: int, device: torch.device) -> torch.Tensor:
@@ -230,11 +250,14 @@ def propagate_points(frames: Iterable[np.ndarray], first_points: np.ndarray, cfg
     first = next(frames, None)
     if first is None:
         raise ValueError("the video has no frames (or none from the first labelled frame on)")
-    h, w = -(-first.shape[0] // STRIDE), -(-first.shape[1] // STRIDE)
-    first_labels = gaussian_heatmaps(first_points, h, w, device)  # (1, J, h, w)
+    H, W = first.shape[:2]
+    Hs, Ws = scaled_size(H, W, cfg.scale)
+    to_scaled = np.array([Ws / W, Hs / H])  # pixel (x, y) of the frame -> of the encoded frame
+    h, w = -(-Hs // STRIDE), -(-Ws // STRIDE)
+    first_labels = gaussian_heatmaps(np.asarray(first_points) * to_scaled, h, w, device)  # (1, J, h, w)
     cfg = replace(cfg, soft_labels=True)
     for i, heatmaps in enumerate(_propagate(first, frames, first_labels, cfg, encoder, device)):
-        yield np.asarray(first_points, dtype=np.float64) if i == 0 else locate_points(heatmaps)
+        yield np.asarray(first_points, dtype=np.float64) if i == 0 else locate_points(heatmaps) / to_scaled
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,12 +471,16 @@ def add_propagation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-first", action="store_true", help="do not keep the first frame as a reference")
     parser.add_argument("--hard-labels", action="store_true",
                         help="feed back the argmax (taken at full resolution), not probabilities")
+    parser.add_argument("--scale", type=cmdline.real(0.1, 1),
+                        help="encode frames at this fraction of their size, 0.1..1 (about scale^2 of the time); "
+                             "outputs stay at full size (default: 1)")
 
 
 def config_from_args(args: argparse.Namespace) -> PropagationConfig:
     """The protocol's preset, then every explicitly given flag on top of it."""
     cfg = PropagationConfig(features=args.features, **PROTOCOLS[args.protocol])
-    for field, value in (("radius", args.radius), ("num_recent", args.num_recent), ("temperature", args.temperature)):
+    for field, value in (("radius", args.radius), ("num_recent", args.num_recent), ("temperature", args.temperature),
+                         ("scale", args.scale)):
         if value is not None:
             cfg = replace(cfg, **{field: value})
     cfg = replace(cfg, use_first=False) if args.no_first else cfg

@@ -176,11 +176,53 @@ def test_every_clip_start_is_equally_likely(tmp_path, monkeypatch):
     assert abs(share - 4 / 36) < 0.02, share  # by starts, not one video in two
 
 
+def test_every_video_is_equally_likely_with_sampling_videos(tmp_path, monkeypatch):
+    write_video(tmp_path / "short.mp4", 12)  # 4 starts
+    write_video(tmp_path / "long.mp4", 40)  # 32 starts
+    ds = data.ClipDataset(tmp_path, size=16, jitter_p=0.0, sampling="videos")
+    drawn = []
+    monkeypatch.setattr(ds, "load_clip",
+                        lambda path, start: drawn.append((path.name, start)) or torch.rand(3, 3, 16, 16))
+    for n in range(2000):
+        ds[n]
+    assert set(drawn) == {("short.mp4", s) for s in range(4)} | {("long.mp4", s) for s in range(32)}
+    share = sum(name == "short.mp4" for name, _ in drawn) / len(drawn)
+    assert abs(share - 0.5) < 0.04, share  # one video in two, whatever their lengths
+
+
+def test_crops_keep_the_aspect_and_the_scale(tmp_path):
+    write_video(tmp_path / "wide.mp4", 12, h=32, w=64)
+    ds = data.ClipDataset(tmp_path, size=16, crop=12, jitter_p=0.0)
+    whole = ds.load_clip(ds.videos[0][0], 0)
+    assert whole.shape == (3, 3, 16, 32)  # the short side at `size`, the aspect kept
+    for n in range(5):
+        clip = ds[n]["clean"]
+        assert clip.shape == (3, 3, 12, 12)
+        # a window of one of the video's scaled clips, the same window in all three frames
+        starts = [ds.load_clip(ds.videos[0][0], s) for s in range(4)]
+        assert any(torch.equal(clip, c[..., t:t + 12, l:l + 12]) for c in starts for t in range(5) for l in range(21))
+    with pytest.raises(ValueError, match="does not fit"):
+        data.ClipDataset(tmp_path, size=16, crop=20)
+
+
+def test_black_and_white_videos_are_skipped_with_a_warning(tmp_path):
+    write_video(tmp_path / "colour.mp4", 12)
+    grey = np.random.default_rng(1).integers(0, 256, (12, 32, 48, 1), dtype=np.uint8).repeat(3, axis=3)
+    iio.imwrite(tmp_path / "grey.mp4", grey, plugin="pyav", codec="libx264", fps=10)
+    ds = data.ClipDataset(tmp_path, size=16, jitter_p=0.0, sampling="videos")
+    with pytest.warns(UserWarning, match="grey.mp4: no colour") as record:
+        clips = [ds[n]["clean"] for n in range(40)]
+    assert len([w for w in record if "no colour" in str(w.message)]) == 1  # once, then the video is left out
+    assert all((c.amax(1) - c.amin(1)).mean() > data.GREY_SPREAD for c in clips)
+
+
 def test_run_batches_split_global_batches():
     one = list(data.RunBatches(4, 2, 5))
     assert one == [[8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18, 19]] and len(data.RunBatches(4, 2, 5)) == 3
     halves = [list(data.RunBatches(2, 2, 5, rank=r, world=2)) for r in (0, 1)]
     assert [a + b for a, b in zip(*halves)] == one  # the same samples over two processes
+    # a run continuing another (--init) starts its stream after the other's samples
+    assert list(data.RunBatches(4, 0, 2, offset=100)) == [[100, 101, 102, 103], [104, 105, 106, 107]]
 
 
 @pytest.mark.filterwarnings("ignore:skipping")

@@ -151,6 +151,28 @@ def test_lab_baseline_keeps_the_object(shared_data, tmp_path):
     assert (pred & gt).sum() / (pred | gt).sum() > 0.5
 
 
+def test_scale_encodes_smaller_and_writes_full_size(shared_data, tmp_path):
+    size = (427, 240)
+    frames = copy_clip(shared_data, "blackswan", 3, tmp_path / "blackswan", size=size)
+    first = read_png(annotation(shared_data, "blackswan", 0, size))
+    rgb = [np.array(Image.open(p)) for p in sorted(frames.glob("*.jpg"))]
+    encoder = load_encoder(None, "lab", CPU)
+    seen = []
+    real = encoder.embed
+    encoder.embed = lambda x: seen.append(tuple(x.shape[-2:])) or real(x)
+    full, half = (list(propagate_masks(rgb, first, PropagationConfig(features="lab", scale=s), encoder, CPU))
+                  for s in (1.0, 0.5))
+    assert seen[0] == (240, 428) and seen[-1] == (120, 216)  # 213.5 -> 214, padded to 216
+    gt = read_png(annotation(shared_data, "blackswan", 2, size)) > 0
+    for pred in (full[2], half[2]):
+        assert pred.shape == (240, 427) and ((pred > 0) & gt).sum() / ((pred > 0) | gt).sum() > 0.6
+    # points: encoded at half size, written in the frame's pixels
+    points = np.array([[200.0, 120.0], [250.0, 100.0]])
+    tracks = list(propagate.propagate_points(rgb, points, PropagationConfig(features="lab", scale=0.5), encoder, CPU))
+    np.testing.assert_allclose(tracks[0], points)
+    assert np.abs(tracks[1] - points).max() < 30
+
+
 def test_streaming_keeps_at_most_n_plus_one_references(clip, monkeypatch):
     frames_dir, mask = clip
     rgb = [np.array(Image.open(p)) for p in sorted(frames_dir.glob("*.jpg"))] * 2  # 8 frames

@@ -188,6 +188,37 @@ def test_init_starts_from_exported_weights_and_their_centroids(clip_folder, tmp_
             torch.testing.assert_close(b["model"][name], value.float(), atol=0, rtol=0, msg=name)
 
 
+def test_init_continues_the_sample_stream_and_the_optimiser(clip_folder, tmp_path):
+    folder, centroids = clip_folder
+    first = small_config(folder, centroids, tmp_path / "first", steps=2)
+    weights = train.main(first)
+    # from a training checkpoint: its Adam state comes along, no warm-up, samples go on after its 2 x 2
+    cont = small_config(folder, "", tmp_path / "cont", steps=1, init=str(Path(first.out) / "ckpt.pt"))
+    train.main(cont)
+    ckpt = torch.load(Path(cont.out) / "ckpt.pt", weights_only=False)
+    assert ckpt["train_config"]["sample_offset"] == 4 and ckpt["samples_seen"] == 6
+    assert ckpt["train_config"]["warmup_steps"] == 0
+    assert all(int(s["step"]) == 3 for s in ckpt["optimizer"]["state"].values())  # 2 steps there, 1 here
+    # from exported weights (no optimiser state): a fresh Adam, warmed up
+    again = small_config(folder, "", tmp_path / "again", steps=1, init=str(weights))
+    train.main(again)
+    ckpt = torch.load(Path(again.out) / "ckpt.pt", weights_only=False)
+    assert ckpt["train_config"]["sample_offset"] == 4 and ckpt["train_config"]["warmup_steps"] == train.INIT_WARMUP
+    assert float(read_log(again.out)[0]["lr"]) == pytest.approx(2e-4 / train.INIT_WARMUP)
+
+
+def test_validation_score_in_the_log_and_bf16_on_the_cpu(clip_folder, tmp_path):
+    folder, centroids = clip_folder
+    cfg = small_config(folder, centroids, tmp_path / "run", steps=3, val_every=2, val_clips=3, precision="bf16",
+                       size=64, crop=32, log_every=10)
+    train.main(cfg)
+    rows = read_log(cfg.out)
+    assert [r["step"] for r in rows] == ["1", "2", "3"]  # the first, every val_every-th and the last step scored
+    scores = [float(r["val_ce"]) for r in rows]
+    assert all(np.isfinite(scores)) and all(-0.5 < v < 5 for v in scores)
+    assert scores[0] != scores[1]  # the weights moved
+
+
 def test_non_finite_loss_stops_with_checkpoint_intact(clip_folder, tmp_path, monkeypatch):
     folder, centroids = clip_folder
     cfg = small_config(folder, centroids, tmp_path / "run", steps=3)
