@@ -21,7 +21,6 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
-import av
 import imageio.v3 as iio
 import numpy as np
 import torch
@@ -93,6 +92,16 @@ def _one_line(error: Exception, path: Path) -> str:
     return f"{type(error).__name__}: {error}".replace(f": '{path}'", "").replace("\n", " ")
 
 
+def _pyav():
+    """PyAV, imported where a video file is read: frame folders, the colour code and everything that does not read
+    video (the kernels, their tests and benchmarks) work without it."""
+    try:
+        import av
+    except ImportError:
+        raise VideoError("reading video files needs PyAV: pip install av") from None
+    return av
+
+
 def read_frames(path: Union[str, Path], indices: Optional[Iterable[int]] = None) -> Iterator[np.ndarray]:
     """Stream the frames of a video file or frame folder as (H, W, 3) uint8 RGB, one at a time.
 
@@ -119,6 +128,7 @@ def read_frames(path: Union[str, Path], indices: Optional[Iterable[int]] = None)
             yield _to_rgb(frame)
         return
     last, wanted = (None, None) if wanted is None else (wanted[-1], set(wanted))
+    av = _pyav()
     try:
         container = av.open(str(path))
     except Exception as e:
@@ -150,6 +160,7 @@ def count_frames(path: Union[str, Path]) -> int:
         raise VideoError(f"video not found: {path}")
     if path.is_dir():
         return len(_image_files(path))
+    av = _pyav()
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:

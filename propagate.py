@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-import av
 import imageio.v3 as iio
 import numpy as np
 import torch
@@ -360,6 +359,8 @@ class OverlayWriter:
     def __init__(self, path: Path, fps: float):
         self.path, self.tmp = path, path.with_name(f".{path.stem}.tmp{path.suffix}")
         self.file = iio.imopen(self.tmp, "w", plugin="pyav")
+        import av  # only here and in data.py's readers: nothing else needs PyAV
+
         self.file.init_video_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", fps=fps)
 
     def write(self, frame: np.ndarray) -> None:
