@@ -39,7 +39,7 @@ class TrainConfig:
     out: str = "runs/corrflow"  # checkpoints, the log CSV and the exported weights go here
     steps: int = 0  # optimiser steps; 0: derived from `epochs` or `minutes`
     epochs: int = 10  # an epoch = the non-overlapping clips of every video (CorrFlow: 10 epochs of Kinetics)
-    minutes: float = 0.0  # wall-clock budget instead of steps: 20 steps are timed, then the step count is fixed to what fits (p(gt) and fractional lr points spread over it); saves and exports when time is up
+    minutes: float = 0.0  # wall-clock budget instead of steps: 20 steps after 5 of warm-up are timed, then the step count is fixed to what fits (p(gt) and fractional lr points spread over it); saves and exports when time is up
     batch_size: int = 6  # clips per step (per process under torchrun); CorrFlow: 6
     lr: float = 2e-4  # Adam, betas (0.9, 0.999) (CorrFlow)
     lr_halve_at: tuple = (400_000, 600_000, 800_000, 1_000_000)  # samples seen at which lr halves (CorrFlow); values <= 1 are fractions of the run, e.g. 0.5 0.75 for a short one, 1 for a constant lr
@@ -401,14 +401,17 @@ def main(cfg: TrainConfig) -> Path:
     try:
         for batch in loader:
             waited += time.time() - t_ready  # time the step waited for the loader
-            if timed and step - step_first == CALIBRATION_STEPS:  # fix the run's length from the speed so far
-                total_steps = _steps_that_fit(step, step - step_first, time.time() - t_start, deadline - time.time(),
-                                              ddp, device)
+            if timed and step - step_first == CALIBRATION_SKIP:  # warm-up (allocator, loader start) left out
+                t_calibrate = time.time()
+            if timed and step - step_first == CALIBRATION_SKIP + CALIBRATION_STEPS:  # fix the run's length
+                spent = time.time() - t_calibrate
+                total_steps = _steps_that_fit(step, CALIBRATION_STEPS, spent, deadline - time.time(), ddp, device)
                 cfg = dataclasses.replace(cfg, steps=total_steps, minutes=0)  # saved: --resume keeps this schedule
                 bar.total = total_steps
                 if master:
-                    print(f"\n{CALIBRATION_STEPS} steps took {time.time() - t_start:.0f} s: "
-                          f"the run will take {total_steps} steps")
+                    print(f"\nsteps {step - CALIBRATION_STEPS + 1}-{step} took {spent / CALIBRATION_STEPS:.2f} s "
+                          f"each (the first {CALIBRATION_SKIP} left out as warm-up): with "
+                          f"{(deadline - time.time()) / 60:.1f} min left the run will take {total_steps} steps")
             if step >= total_steps:
                 break
             if deadline is not None and _past(deadline, ddp, device):
@@ -494,7 +497,8 @@ def main(cfg: TrainConfig) -> Path:
     return weights
 
 
-CALIBRATION_STEPS = 20  # --minutes: steps timed before the run's length is fixed
+CALIBRATION_SKIP = 5  # --minutes: steps left out of the timing (start-up: allocator, loader, cuDNN autotuning)
+CALIBRATION_STEPS = 20  # ... then the steps timed before the run's length is fixed
 
 
 def _bf16_faster(model, size: int, master: bool) -> bool:
@@ -523,8 +527,8 @@ def _bf16_faster(model, size: int, master: bool) -> bool:
 
 
 def _steps_that_fit(step: int, done: int, spent: float, left: float, ddp: bool, device: torch.device) -> int:
-    """--minutes: the total step count that fits in the budget at the speed of the `done` steps so far (the
-    first includes start-up, so this errs short); under torchrun the first process decides for all."""
+    """--minutes: the total step count that fits in the budget at the speed of `done` steady-state steps (3% kept
+    for saves and validation); under torchrun the first process decides for all."""
     total = torch.tensor(step + int(0.97 * max(left, 0.0) * done / max(spent, 1e-9)), device=device)
     if ddp:
         dist.broadcast(total, 0)
