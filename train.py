@@ -7,8 +7,12 @@ Each iteration takes triplets of frames (0, 4, 8 of a clip), encodes every frame
 colours (16 k-means clusters of Lab a/b) of frames 1 and 2 by copying labels from the previous frame through the
 softmax over local feature similarities. The four mechanisms of the paper are marked in the loop below:
 colour dropout (information bottleneck), 16-cluster cross-entropy, scheduled sampling, cycle consistency.
+
+SIGTERM, SIGINT (Ctrl-C) or SIGHUP stops a run after the step under way: it saves every step done, exports the
+weights and exits with 143, 130 or 129; --resume continues it.
 """
 import argparse
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -30,6 +34,7 @@ import cli as cmdline  # the module; `cli` below is this file's entry point
 from data import ClipDataset, RunBatches, fit_centroids, quantise
 from model import (CHECKPOINT_FORMAT, CorrFlow, ModelConfig, copy_labels, downsample_labels, export_weights,
                    load_checkpoint, model_config)
+from stopping import StopSignals, ignore_in_worker
 
 
 @dataclass
@@ -235,7 +240,13 @@ def load_centroids(path) -> torch.Tensor:
 
 
 def main(cfg: TrainConfig) -> Path:
-    """Train; returns the path of the exported inference weights (<out>/corrflow.pt)."""
+    """Train; returns the path of the exported inference weights (<out>/corrflow.pt). SIGTERM, SIGINT or SIGHUP
+    end the run after the step under way: it saves and exports as at the end, then raises SystemExit(128 + signal)."""
+    with contextlib.ExitStack() as held:  # the signal handlers (and what comes with them), however the run ends
+        return _train(cfg, held)
+
+
+def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
     # -- setup: DDP when started by torchrun, one device decided here
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world, local_rank = 0, 1, 0
@@ -282,6 +293,7 @@ def main(cfg: TrainConfig) -> Path:
     centroids = centroids.float().to(device)
     if ddp and state is None and not cfg.centroids and init is None:
         dist.broadcast(centroids, 0)  # every process quantises with the first one's centroids
+    stop = held.enter_context(StopSignals())  # a signal from here on: finish the step, save, export, exit
     if master:
         out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no trace
     # with --minutes the step count is fixed after CALIBRATION_STEPS (below); until then the schedules stay at
@@ -315,7 +327,7 @@ def main(cfg: TrainConfig) -> Path:
     sampler = RunBatches(cfg.batch_size, step, total_steps, rank, world)
     loader = torch.utils.data.DataLoader(clips, batch_sampler=sampler,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=False)
+                                         persistent_workers=False, worker_init_fn=ignore_in_worker)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     log_path = out / "log.csv"
@@ -329,7 +341,7 @@ def main(cfg: TrainConfig) -> Path:
     step_first = step_last = step
     waited = 0.0
     deadline = t_start + 60 * cfg.minutes if timed else None
-    try:
+    with bar:  # closed however the loop ends, so that an error is printed on a line of its own
         for batch in loader:
             waited += time.time() - t_ready  # time the step waited for the loader
             if timed and step - step_first == CALIBRATION_STEPS:  # fix the run's length from the speed so far
@@ -346,6 +358,8 @@ def main(cfg: TrainConfig) -> Path:
                 if cfg.minutes:  # the budget ran out before the run's length was fixed: it ends here
                     total_steps = step
                     cfg = dataclasses.replace(cfg, steps=total_steps, minutes=0)
+                break
+            if stop.requested(ddp, device):  # a signal: every step done is saved below
                 break
             lr = get_lr(step, total_steps, cfg, world)
             for group in optimizer.param_groups:
@@ -402,24 +416,22 @@ def main(cfg: TrainConfig) -> Path:
             if master and (step % cfg.ckpt_every == 0 or step == total_steps):
                 save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids), ckpt_path)
             t_ready = time.time()
-    except KeyboardInterrupt:
-        if master:
-            save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids), ckpt_path)
-            bar.close()
-            print(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume")
-        if ddp:
-            dist.destroy_process_group()
-        raise SystemExit(130)
-    bar.close()
     weights = out / "corrflow.pt"
     if master:
-        if step < total_steps:  # the time budget ran out before the planned steps
+        if step < total_steps and not stop.signum:  # the time budget ran out before the planned steps
             print(f"time budget of {(deadline - t_start) / 60:.1f} min spent at step {step} of {total_steps}")
         save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids), ckpt_path)
         export_weights(ckpt_path, weights)
-        print(f"done: {step} steps; checkpoint {ckpt_path}, weights for propagate.py {weights}")
+        if stop.signum:
+            print(f"stopped by {stop.name} at step {step}: saved {ckpt_path} and {weights}; continue with the same "
+                  f"command and --resume")
+        else:
+            print(f"done: {step} steps; checkpoint {ckpt_path}, weights for propagate.py {weights}")
     if ddp:
+        dist.barrier()  # the others wait for the first one's files: torchrun ends them all once one exits non-zero
         dist.destroy_process_group()
+    if stop.signum:
+        raise SystemExit(stop.exit_code)
     return weights
 
 

@@ -1,6 +1,7 @@
 """The training loop: its schedules, colour dropout, learning, resume and DDP equivalence (CPU)."""
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import stopping
 import train
 from data import read_frames
 from model import CorrFlow
@@ -97,19 +99,20 @@ def test_resume_equals_uninterrupted_run(clip_folder, tmp_path, monkeypatch):
     whole = small_config(folder, centroids, tmp_path / "whole", steps=4)
     train.main(whole)
 
-    # the same run, interrupted (Ctrl-C) after 2 steps, then resumed
+    # the same run, interrupted (Ctrl-C) during its second step, then resumed
     parts = small_config(folder, centroids, tmp_path / "parts", steps=4)
     real_get_lr = train.get_lr
 
-    def interrupt_at_2(step, *args):
-        if step == 2:
-            raise KeyboardInterrupt
+    def interrupt_in_step_2(step, *args):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
         return real_get_lr(step, *args)
 
-    monkeypatch.setattr(train, "get_lr", interrupt_at_2)
-    with pytest.raises(SystemExit):
+    monkeypatch.setattr(train, "get_lr", interrupt_in_step_2)
+    with pytest.raises(SystemExit) as stopped:
         train.main(parts)
-    assert torch.load(Path(parts.out) / "ckpt.pt", weights_only=False)["step"] == 2
+    assert stopped.value.code == 130
+    assert torch.load(Path(parts.out) / "ckpt.pt", weights_only=False)["step"] == 2  # the step under way finished
     monkeypatch.setattr(train, "get_lr", real_get_lr)
     train.main(dataclasses.replace(parts, resume=True))
 
@@ -212,3 +215,74 @@ def test_empty_data_folder_is_a_clear_error(tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: no usable video in")
+
+
+# ---------------------------------------------------------------------------------------------- stopping safely
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_stop_signals_are_recorded_not_fatal(sig, code):
+    before = signal.getsignal(sig)
+    with stopping.StopSignals() as stop:
+        assert not stop.requested(False, torch.device("cpu"))
+        os.kill(os.getpid(), sig)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal changes nothing: the first one decides
+        assert stop.requested(False, torch.device("cpu"))
+        assert (stop.name, stop.exit_code) == (signal.Signals(sig).name, code)
+    assert signal.getsignal(sig) is before
+
+
+def train_command(folder, centroids, out, *extra):
+    """train.py on the 9-frame clip at 32x32, batch 1: a few steps per second on a CPU; no periodic checkpoint."""
+    return [sys.executable, str(ROOT / "train.py"), "--data", str(folder), "--centroids", str(centroids),
+            "--out", str(out), "--size", "32", "--batch-size", "1", "--workers", "0", "--device", "cpu",
+            "--log-every", "1", "--ckpt-every", "100000", *extra]
+
+
+def start(command):
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(condition, process, timeout=60.0):
+    t = time.time()
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.time() - t < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def logged_steps(out) -> list:
+    return [int(r["step"]) for r in read_log(out)] if (Path(out) / "log.csv").exists() else []
+
+
+def leftovers(out) -> list:
+    """What a run leaves in its folder besides its checkpoint, weights and log: should be nothing."""
+    return sorted(p.name for p in Path(out).iterdir() if p.name not in ("ckpt.pt", "corrflow.pt", "log.csv"))
+
+
+def test_sigterm_saves_every_step_done_and_resume_continues(clip_folder, tmp_path):
+    folder, centroids = clip_folder
+    out = tmp_path / "run"
+    command = train_command(folder, centroids, out, "--steps", "30")
+    run = start(command)
+    wait_for(lambda: len(logged_steps(out)) >= 3, run)
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 143, stderr
+    done = logged_steps(out)
+    assert done == list(range(1, len(done) + 1)) and len(done) < 30
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == done[-1]  # no step done is lost
+    assert torch.load(out / "corrflow.pt", weights_only=False)["step"] == done[-1]  # exported as at the end
+    message = stdout.strip().splitlines()[-1]
+    assert message.startswith(f"stopped by SIGTERM at step {done[-1]}: saved {out / 'ckpt.pt'}")
+    assert "--resume" in message
+    assert "Traceback" not in stderr and leftovers(out) == []
+
+    resumed = subprocess.run(command + ["--resume"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out / 'ckpt.pt'} at step {done[-1]}/30" in resumed.stdout
+    assert logged_steps(out) == list(range(1, 31))
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 30
