@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 import cli as cmdline  # the module; `cli` below is this file's entry point
 from data import ClipDataset, RunBatches, fit_centroids, quantise
+from files import appending, atomic_write
 from model import (CHECKPOINT_FORMAT, CorrFlow, ModelConfig, copy_labels, downsample_labels, export_weights,
-                   load_checkpoint, model_config)
+                   load_checkpoint, model_config, save_atomic)
 from stopping import StopSignals, ignore_in_worker
 
 
@@ -150,13 +151,6 @@ def nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- data and checkpoints
-
-
-def save_atomic(obj, path: Path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def rng_states():
@@ -461,18 +455,16 @@ def _trim_log(path: Path, step: int):
         return
     with open(path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         if rows:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _append_log(path: Path, row: dict):
     new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
+    with appending(path, newline="") as f:  # a failed write leaves no half row
         w = csv.DictWriter(f, fieldnames=list(row))
         if new:
             w.writeheader()

@@ -286,3 +286,29 @@ def test_sigterm_saves_every_step_done_and_resume_continues(clip_folder, tmp_pat
     assert f"resuming {out / 'ckpt.pt'} at step {done[-1]}/30" in resumed.stdout
     assert logged_steps(out) == list(range(1, 31))
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 30
+
+
+# ---------------------------------------------------------------------------------------------- writing safely
+
+
+def test_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(clip_folder, tmp_path, full_disk, capsys):
+    folder, centroids = clip_folder
+    out = tmp_path / "run"
+    checkpoint_writes = []
+
+    def second_checkpoint(path):  # ckpt.pt is written through .ckpt.<pid>.tmp.pt
+        if path.name.startswith(".ckpt."):
+            checkpoint_writes.append(path)
+            return len(checkpoint_writes) == 2
+        return False
+
+    full_disk(room=4096, when=second_checkpoint)  # the second save fails after 4 kB
+    argv = train_command(folder, centroids, out, "--steps", "3", "--ckpt-every", "1")[2:]
+    with pytest.raises(SystemExit) as failed:
+        train.cli(argv)
+    assert failed.value.code == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"error: cannot write {out / 'ckpt.pt'}: No space left on device"
+    assert "Traceback" not in err and sum(line.startswith("error") for line in err.splitlines()) == 1
+    assert train.load_training_state(out / "ckpt.pt")["step"] == 1  # the last good checkpoint
+    assert leftovers(out) == []  # no temporary file
