@@ -1,4 +1,4 @@
-"""Writing outputs safely: every file through a temporary one renamed into place.
+"""Writing outputs safely: every file through a temporary one renamed into place, and one training run per folder.
 
 A write that fails (no space left on device, read-only file system, permission denied) raises one OSError naming the
 file and the cause, removes its temporary file and leaves the last good version of the file where it was. The
@@ -7,6 +7,7 @@ scoring.
 """
 import contextlib
 import os
+import socket
 from pathlib import Path
 
 
@@ -71,3 +72,69 @@ def appending(path, **open_args):
         with contextlib.suppress(OSError):
             os.truncate(path, size)
         raise write_error(path, e) from None
+
+
+class FolderLock:
+    """One run per output folder: `<folder>/.lock` holds the owner's process id and host name.
+
+    It is created with O_CREAT | O_EXCL, which succeeds for one process only, also on a shared file system. A second
+    run is refused with one line naming the first. A lock left by a run that died without releasing it (SIGKILL, a
+    crash of the machine) is taken over with a one-line notice when its owner can be seen to be gone: same host,
+    that process no longer exists. Released when the `with` block ends, however it ends."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder):
+        self.path = Path(folder) / self.NAME
+        self.held = False
+
+    def __enter__(self):
+        me = f"{os.getpid()} {socket.gethostname()}\n"
+        for _ in range(2):  # the second try follows the removal of a stale lock
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._refuse_or_remove_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return self
+        raise ValueError(f"{self.path.parent} is in use: another run took its lock {self.path} just now")
+
+    def __exit__(self, *exc):
+        if self.held:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            self.held = False
+
+    def _refuse_or_remove_stale(self):
+        folder = self.path.parent
+        try:
+            pid, host = self.path.read_text().split()
+            pid = int(pid)
+            if pid <= 0:  # os.kill would ask about a process group
+                raise ValueError(pid)
+        except FileNotFoundError:  # released between our attempt and this read: try again
+            return
+        except (OSError, ValueError):  # empty or unreadable: its owner cannot be checked
+            raise ValueError(f"{folder} is locked by {self.path}, which names no run; if no run is writing into "
+                             f"{folder}, remove it") from None
+        if host != socket.gethostname() or _alive(pid):
+            raise ValueError(f"{folder} is in use by another run (pid {pid} on {host}); wait for it to end or "
+                             f"give another --out (if that run is gone, remove {self.path})")
+        # Two runs that find the same stale lock at the same instant could both take it over; the lock guards
+        # against starting a second run into a folder by mistake, for which this is enough.
+        print(f"taking over the lock of {folder} from pid {pid}, which is no longer running")
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True

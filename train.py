@@ -9,7 +9,7 @@ softmax over local feature similarities. The four mechanisms of the paper are ma
 colour dropout (information bottleneck), 16-cluster cross-entropy, scheduled sampling, cycle consistency.
 
 SIGTERM, SIGINT (Ctrl-C) or SIGHUP stops a run after the step under way: it saves every step done, exports the
-weights and exits with 143, 130 or 129; --resume continues it.
+weights and exits with 143, 130 or 129; --resume continues it. One run at a time writes into an --out folder.
 """
 import argparse
 import contextlib
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import cli as cmdline  # the module; `cli` below is this file's entry point
 from data import ClipDataset, RunBatches, fit_centroids, quantise
-from files import appending, atomic_write
+from files import FolderLock, appending, atomic_write
 from model import (CHECKPOINT_FORMAT, CorrFlow, ModelConfig, copy_labels, downsample_labels, export_weights,
                    load_checkpoint, model_config, save_atomic)
 from stopping import StopSignals, ignore_in_worker
@@ -41,7 +41,7 @@ from stopping import StopSignals, ignore_in_worker
 @dataclass
 class TrainConfig:
     data: str = "kinetics/"  # folder of videos, searched recursively (video files or folders of frames)
-    out: str = "runs/corrflow"  # checkpoints, the log CSV and the exported weights go here
+    out: str = "runs/corrflow"  # checkpoints, the log CSV and the exported weights; one run at a time (<out>/.lock)
     steps: int = 0  # optimiser steps; 0: derived from `epochs` or `minutes`
     epochs: int = 10  # an epoch = the non-overlapping clips of every video (CorrFlow: 10 epochs of Kinetics)
     minutes: float = 0.0  # wall-clock budget instead of steps: 20 steps are timed, then the step count is fixed to what fits (p(gt) and fractional lr points spread over it); saves and exports when time is up
@@ -236,7 +236,7 @@ def load_centroids(path) -> torch.Tensor:
 def main(cfg: TrainConfig) -> Path:
     """Train; returns the path of the exported inference weights (<out>/corrflow.pt). SIGTERM, SIGINT or SIGHUP
     end the run after the step under way: it saves and exports as at the end, then raises SystemExit(128 + signal)."""
-    with contextlib.ExitStack() as held:  # the signal handlers (and what comes with them), however the run ends
+    with contextlib.ExitStack() as held:  # the signal handlers and the output folder's lock, however the run ends
         return _train(cfg, held)
 
 
@@ -290,6 +290,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
     stop = held.enter_context(StopSignals())  # a signal from here on: finish the step, save, export, exit
     if master:
         out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no trace
+        held.enter_context(FolderLock(out))  # one run per folder: a second one is refused before writing anything
     # with --minutes the step count is fixed after CALIBRATION_STEPS (below); until then the schedules stay at
     # their start (no lr milestone is reached, p(gt) stays at p_gt_start)
     timed = cfg.minutes > 0

@@ -1,8 +1,11 @@
 """Every writer of the project on a full disk or a read-only file system: one OSError naming the file and the cause,
-no temporary file left, the last good file unchanged."""
+no temporary file left, the last good file unchanged. And the output folder's lock."""
 import dataclasses
 import errno
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -90,6 +93,42 @@ def test_the_video_index_stays_tolerant_of_a_full_disk(shared_data, tmp_path, fu
         clips = ClipDataset(tmp_path / "videos", num_frames=3, frame_gap=4, size=32)
     assert len(clips) > 0
     assert [p.name for p in (tmp_path / "videos").iterdir()] == ["clip.mp4"]  # no index, no temporary file
+
+
+# ---------------------------------------------------------------------------------------------- the folder's lock
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_lock_refuses_a_live_owner_and_is_released(tmp_path):
+    with files.FolderLock(tmp_path):
+        assert (tmp_path / ".lock").read_text().split() == [str(os.getpid()), socket.gethostname()]
+        with pytest.raises(ValueError, match=f"in use by another run \\(pid {os.getpid()} on {socket.gethostname()}"):
+            files.FolderLock(tmp_path).__enter__()
+    assert not (tmp_path / ".lock").exists()
+    with pytest.raises(RuntimeError):  # released however the block ends
+        with files.FolderLock(tmp_path):
+            raise RuntimeError
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_lock_of_a_gone_run_is_taken_over_and_others_are_not(tmp_path, capsys):
+    pid = dead_pid()
+    (tmp_path / ".lock").write_text(f"{pid} {socket.gethostname()}\n")
+    with files.FolderLock(tmp_path):
+        assert (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
+    assert capsys.readouterr().out == f"taking over the lock of {tmp_path} from pid {pid}, which is no longer running\n"
+    # another host's run cannot be checked from here; a lock that names no run is never guessed about
+    cases = [(f"{pid} elsewhere\n", f"pid {pid} on elsewhere"), ("", "names no run"), ("0 x", "names no run")]
+    for text, match in cases:
+        (tmp_path / ".lock").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            files.FolderLock(tmp_path).__enter__()
+        assert (tmp_path / ".lock").read_text() == text
 
 
 def test_save_through_an_open_file_matches_torch_save(tmp_path):

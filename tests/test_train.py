@@ -2,6 +2,7 @@
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -311,4 +312,43 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(clip_f
     assert err.splitlines()[-1] == f"error: cannot write {out / 'ckpt.pt'}: No space left on device"
     assert "Traceback" not in err and sum(line.startswith("error") for line in err.splitlines()) == 1
     assert train.load_training_state(out / "ckpt.pt")["step"] == 1  # the last good checkpoint
-    assert leftovers(out) == []  # no temporary file
+    assert leftovers(out) == []  # no temporary file, and the lock released
+
+
+# ---------------------------------------------------------------------------------------------- one run per folder
+
+
+def test_a_second_run_into_the_same_folder_is_refused(clip_folder, tmp_path):
+    folder, centroids = clip_folder
+    out = tmp_path / "run"
+    first = start(train_command(folder, centroids, out, "--steps", "100000"))
+    try:
+        wait_for(lambda: (out / ".lock").exists() and logged_steps(out), first)
+        second = subprocess.run(train_command(folder, centroids, out, "--steps", "5"), cwd=ROOT, capture_output=True,
+                                text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines() == [
+            f"error: {out} is in use by another run (pid {first.pid} on {socket.gethostname()}); wait for it to end "
+            f"or give another --out (if that run is gone, remove {out / '.lock'})"]
+        assert (out / ".lock").read_text().split()[0] == str(first.pid)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert first.returncode == 143
+    done = logged_steps(out)  # the first run's log and checkpoint are its own: every row once, in order
+    assert done == list(range(1, len(done) + 1))
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == done[-1]
+    assert leftovers(out) == []
+
+
+def test_the_lock_of_a_run_that_died_is_taken_over(clip_folder, tmp_path, capsys):
+    folder, centroids = clip_folder
+    out = tmp_path / "run"
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])  # a run that ended without releasing its lock
+    killed.wait()
+    out.mkdir()
+    (out / ".lock").write_text(f"{killed.pid} {socket.gethostname()}\n")
+    train.main(small_config(folder, centroids, out, steps=1))
+    printed = capsys.readouterr().out
+    assert f"taking over the lock of {out} from pid {killed.pid}, which is no longer running" in printed
+    assert (out / "corrflow.pt").is_file() and leftovers(out) == []
