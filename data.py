@@ -16,7 +16,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
@@ -26,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from files import atomic_write
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -293,10 +294,8 @@ def _save_index(root: Path, videos: dict) -> Optional[Path]:
             file.parent.mkdir(parents=True, exist_ok=True)
             if not _writable(file.parent):
                 continue
-            with tempfile.NamedTemporaryFile("w", dir=file.parent, prefix=file.name, suffix=".tmp",
-                                             delete=False) as tmp:
-                tmp.write(text)
-            os.replace(tmp.name, file)
+            with atomic_write(file, "w") as f:
+                f.write(text)
             return file
         except OSError:
             continue

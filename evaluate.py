@@ -27,15 +27,14 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 import cli as cmdline  # the module; `cli` below is this file's entry point
+from files import atomic_write
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,14 +175,8 @@ def summarise(results: dict) -> dict[str, float]:
 def write_csv_atomic(path: Path, rows: list[list]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            csv.writer(f).writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
 
 
 def report_davis(results: dict, csv_path: Path) -> dict[str, float]:
@@ -233,7 +226,8 @@ def propagate_davis(root: Path, out_dir: Path, sequences: list[str], args: argpa
             im = Image.fromarray(labels.astype(np.uint8))  # grey ids; with a palette, a palette PNG
             if palette:
                 im.putpalette(palette)
-            im.save(seq_dir / f"{path.stem}.png")
+            with atomic_write(seq_dir / f"{path.stem}.png") as f:  # a failed write: one line naming the file
+                im.save(f, format="PNG")
             n += 1
         if n != len(frame_paths):
             raise ValueError(f"{seq}: propagation gave {n} masks for {len(frame_paths)} frames")

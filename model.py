@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from files import atomic_write
 from kernels import local_attention
 
 STRIDE = 4  # feature map stride of the encoder; labels are averaged down to this stride
@@ -121,8 +122,19 @@ def export_weights(src, dst):
         "samples_seen": ckpt.get("samples_seen"),
         "train_config": ckpt.get("train_config"),
     }
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    torch.save(small, tmp)
-    tmp.replace(dst)
+    save_atomic(small, Path(dst))
+
+
+def save_atomic(obj, path: Path):
+    """torch.save through a temporary file renamed into place (files.atomic_write): a crash, a full disk or a signal
+    never leaves half a checkpoint; a failed write is one OSError naming `path`, and the last good file stays."""
+    with atomic_write(path) as f:
+        try:
+            torch.save(obj, f)  # into an open file: a failed write is Python's OSError, with its cause
+        except RuntimeError as e:
+            # torch's zip writer finishes the archive even after a failed write, and its own error then hides the
+            # OSError (disk full, ...) that says what happened
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
 

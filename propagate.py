@@ -13,9 +13,9 @@ frames, soft labels). Top-k attention is not offered: it needs the attention wei
 Outputs: one palette PNG per frame (00000.png ..., first frame included) or points.json, and an overlay video.
 """
 import argparse
+import contextlib
 import itertools
 import json
-import os
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import cli as cmdline  # the module; `cli` below is this file's entry point
 from data import count_frames, read_frames, rgb_to_lab
+from files import atomic_path, atomic_write
 from kernels import local_attention
 from model import STRIDE, downsample_labels, load_checkpoint
 
@@ -335,12 +336,12 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def save_png(labels: np.ndarray, palette: list[int], path: Path) -> None:
-    """Write (H, W) uint8 ids as a palette PNG, atomically: a temporary name, then os.replace."""
+    """Write (H, W) uint8 ids as a palette PNG, atomically: a temporary file renamed into place; a failed write is
+    one OSError naming `path`."""
     img = Image.fromarray(labels)  # mode L; a palette turns it into P
     img.putpalette(palette)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        img.save(f, format="PNG")
 
 
 def video_fps(video: Path) -> float:
@@ -353,23 +354,24 @@ def video_fps(video: Path) -> float:
         return 24.0
 
 
-class OverlayWriter:
-    """Writes frames to an H.264 mp4 (MPEG-4 without libx264), cropped to even sizes; renamed into place on close."""
+@contextlib.contextmanager
+def overlay_video(path: Path, fps: float):
+    """Yields write(frame) for an H.264 mp4 (MPEG-4 without libx264), frames cropped to even sizes. The video goes
+    to a temporary file that replaces `path` when the block ends without an error and is removed otherwise."""
+    with atomic_path(path) as tmp:
+        file = iio.imopen(tmp, "w", plugin="pyav")
+        try:
+            import av  # only here and in data.py's readers: nothing else needs PyAV
 
-    def __init__(self, path: Path, fps: float):
-        self.path, self.tmp = path, path.with_name(f".{path.stem}.tmp{path.suffix}")
-        self.file = iio.imopen(self.tmp, "w", plugin="pyav")
-        import av  # only here and in data.py's readers: nothing else needs PyAV
+            file.init_video_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", fps=fps)
 
-        self.file.init_video_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", fps=fps)
+            def write(frame: np.ndarray) -> None:
+                H, W = frame.shape[:2]
+                file.write_frame(np.ascontiguousarray(frame[:H - H % 2, :W - W % 2]))
 
-    def write(self, frame: np.ndarray) -> None:
-        H, W = frame.shape[:2]
-        self.file.write_frame(np.ascontiguousarray(frame[:H - H % 2, :W - W % 2]))
-
-    def close(self) -> None:
-        self.file.close()
-        os.replace(self.tmp, self.path)
+            yield write
+        finally:
+            file.close()
 
 
 def blend_mask(frame: np.ndarray, labels: np.ndarray, palette: list[int]) -> np.ndarray:
@@ -431,28 +433,27 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
         results = propagate_points(frames, xy[visible], cfg, encoder, dev)
     else:
         results = propagate_masks(frames, first_mask, cfg, encoder, dev)
-    writer, tracks = None, []
-    for i, (result, frame) in enumerate(tqdm(zip(results, shown), total=total, unit="frame", desc=stem)):
-        if points_mode:
-            full = np.full((len(xy), 2), np.nan)
-            full[visible] = result
-            tracks.append([None if np.isnan(p[0]) else [round(float(p[0]), 2), round(float(p[1]), 2)] for p in full])
-            shown_frame = draw_points(frame, full, palette)
-        else:
-            save_png(result, palette, out / f"{i:05d}.png")
-            shown_frame = blend_mask(frame, result, palette)
-        if overlay:
-            writer = writer or OverlayWriter(out / "overlay.mp4", video_fps(video))
-            writer.write(shown_frame)
-    if writer is not None:
-        writer.close()
+    tracks = []
+    video_out = overlay_video(out / "overlay.mp4", video_fps(video)) if overlay else contextlib.nullcontext()
+    with video_out as write_overlay:
+        for i, (result, frame) in enumerate(tqdm(zip(results, shown), total=total, unit="frame", desc=stem)):
+            if points_mode:
+                full = np.full((len(xy), 2), np.nan)
+                full[visible] = result
+                tracks.append([None if np.isnan(p[0]) else [round(float(p[0]), 2), round(float(p[1]), 2)]
+                               for p in full])
+                shown_frame = draw_points(frame, full, palette)
+            else:
+                save_png(result, palette, out / f"{i:05d}.png")
+                shown_frame = blend_mask(frame, result, palette)
+            if write_overlay:
+                write_overlay(shown_frame)
     if points_mode:
         H, W = frame.shape[:2]
         doc = {"sequence": sequence, "frame_size": [W, H], "frames": list(range(start, start + len(tracks))),
                "xy": tracks}
-        tmp = out / ".points.json.tmp"
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, out / "points.json")
+        with atomic_write(out / "points.json", "w") as f:
+            f.write(json.dumps(doc))
     return out
 
 

@@ -1,4 +1,5 @@
-"""Shared test setup: Triton's CPU interpreter, the `gpu` marker, and the path of the real data."""
+"""Shared test setup: Triton's CPU interpreter, the `gpu` marker, the path of the real data, a full disk."""
+import errno
 import os
 import sys
 from pathlib import Path
@@ -33,3 +34,45 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+class _FullFile:
+    """A file being written that takes `room` more bytes, writes what fits and then fails as on a full disk."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.file.write(data[:self.room])  # the part that fitted stays on disk, as it would
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """full_disk(room, when): from then on every file that files.py opens for writing, whose path `when` accepts,
+    fails with ENOSPC (no space left on device) after `room` bytes."""
+    import files
+
+    real_open = open
+
+    def start(room: int = 1000, when=lambda path: True):
+        def open_on_full_disk(path, mode="r", **kwargs):
+            f = real_open(path, mode, **kwargs)
+            return _FullFile(f, room) if ("w" in mode or "a" in mode) and when(Path(path)) else f
+
+        monkeypatch.setattr(files, "open", open_on_full_disk, raising=False)
+
+    return start

@@ -283,3 +283,26 @@ def test_end_to_end_with_weights_written_by_train(shared_data, clip, tmp_path):
     out = tmp_path / "out"
     main(frames, mask, out, PropagationConfig(), weights, "cpu", overlay=False)
     assert sorted(p.name for p in out.glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
+
+
+def test_full_disk_is_one_line_and_leaves_no_temporary_file(clip, tmp_path, full_disk, capsys):
+    """The third mask does not fit: the command says which file and why, and the half-written overlay video and
+    mask are removed (the masks before it are kept: they are complete)."""
+    frames, mask = clip
+    full_disk(room=50, when=lambda path: path.name.startswith(".00002."))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        propagate.cli([str(frames), str(mask), "--out", str(out), "--features", "lab"])
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"error: cannot write {out / '00002.png'}: No space left on device"
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png"]
+    # points: the same for points.json
+    points = tmp_path / "points.json"
+    points.write_text(json.dumps({"sequence": "blackswan", "frame_size": list(SIZE), "frames": [0],
+                                  "xy": [[[80, 40]]], "visible": [[True]]}))
+    full_disk(room=10, when=lambda path: path.name.startswith(".points."))
+    with pytest.raises(SystemExit):
+        propagate.cli([str(frames), str(points), "--out", str(tmp_path / "pts"), "--features", "lab"])
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: cannot write {tmp_path / 'pts' / 'points.json'}: "
+                                                         "No space left on device")
+    assert sorted(p.name for p in (tmp_path / "pts").iterdir()) == ["overlay.mp4"]  # complete before the points

@@ -1,6 +1,8 @@
 """The training loop: its schedules, colour dropout, learning, resume and DDP equivalence (CPU)."""
 import dataclasses
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import stopping
 import train
 from data import read_frames
 from model import CorrFlow
@@ -97,19 +100,20 @@ def test_resume_equals_uninterrupted_run(clip_folder, tmp_path, monkeypatch):
     whole = small_config(folder, centroids, tmp_path / "whole", steps=4)
     train.main(whole)
 
-    # the same run, interrupted (Ctrl-C) after 2 steps, then resumed
+    # the same run, interrupted (Ctrl-C) during its second step, then resumed
     parts = small_config(folder, centroids, tmp_path / "parts", steps=4)
     real_get_lr = train.get_lr
 
-    def interrupt_at_2(step, *args):
-        if step == 2:
-            raise KeyboardInterrupt
+    def interrupt_in_step_2(step, *args):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
         return real_get_lr(step, *args)
 
-    monkeypatch.setattr(train, "get_lr", interrupt_at_2)
-    with pytest.raises(SystemExit):
+    monkeypatch.setattr(train, "get_lr", interrupt_in_step_2)
+    with pytest.raises(SystemExit) as stopped:
         train.main(parts)
-    assert torch.load(Path(parts.out) / "ckpt.pt", weights_only=False)["step"] == 2
+    assert stopped.value.code == 130
+    assert torch.load(Path(parts.out) / "ckpt.pt", weights_only=False)["step"] == 2  # the step under way finished
     monkeypatch.setattr(train, "get_lr", real_get_lr)
     train.main(dataclasses.replace(parts, resume=True))
 
@@ -243,3 +247,139 @@ def test_empty_data_folder_is_a_clear_error(tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: no usable video in")
+
+
+# ---------------------------------------------------------------------------------------------- stopping safely
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_stop_signals_are_recorded_not_fatal(sig, code):
+    before = signal.getsignal(sig)
+    with stopping.StopSignals() as stop:
+        assert not stop.requested(False, torch.device("cpu"))
+        os.kill(os.getpid(), sig)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal changes nothing: the first one decides
+        assert stop.requested(False, torch.device("cpu"))
+        assert (stop.name, stop.exit_code) == (signal.Signals(sig).name, code)
+    assert signal.getsignal(sig) is before
+
+
+def train_command(folder, centroids, out, *extra):
+    """train.py on the 9-frame clip at 32x32, batch 1: a few steps per second on a CPU; no periodic checkpoint."""
+    return [sys.executable, str(ROOT / "train.py"), "--data", str(folder), "--centroids", str(centroids),
+            "--out", str(out), "--size", "32", "--batch-size", "1", "--workers", "0", "--device", "cpu",
+            "--log-every", "1", "--ckpt-every", "100000", *extra]
+
+
+def start(command):
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(condition, process, timeout=60.0):
+    t = time.time()
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.time() - t < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def logged_steps(out) -> list:
+    return [int(r["step"]) for r in read_log(out)] if (Path(out) / "log.csv").exists() else []
+
+
+def leftovers(out) -> list:
+    """What a run leaves in its folder besides its checkpoint, weights and log: should be nothing."""
+    return sorted(p.name for p in Path(out).iterdir() if p.name not in ("ckpt.pt", "corrflow.pt", "log.csv"))
+
+
+def test_sigterm_saves_every_step_done_and_resume_continues(clip_folder, tmp_path):
+    folder, centroids = clip_folder
+    out = tmp_path / "run"
+    command = train_command(folder, centroids, out, "--steps", "30")
+    run = start(command)
+    wait_for(lambda: len(logged_steps(out)) >= 3, run)
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 143, stderr
+    done = logged_steps(out)
+    assert done == list(range(1, len(done) + 1)) and len(done) < 30
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == done[-1]  # no step done is lost
+    assert torch.load(out / "corrflow.pt", weights_only=False)["step"] == done[-1]  # exported as at the end
+    message = stdout.strip().splitlines()[-1]
+    assert message.startswith(f"stopped by SIGTERM at step {done[-1]}: saved {out / 'ckpt.pt'}")
+    assert "--resume" in message
+    assert "Traceback" not in stderr and leftovers(out) == []
+
+    resumed = subprocess.run(command + ["--resume"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out / 'ckpt.pt'} at step {done[-1]}/30" in resumed.stdout
+    assert logged_steps(out) == list(range(1, 31))
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 30
+
+
+# ---------------------------------------------------------------------------------------------- writing safely
+
+
+def test_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(clip_folder, tmp_path, full_disk, capsys):
+    folder, centroids = clip_folder
+    out = tmp_path / "run"
+    checkpoint_writes = []
+
+    def second_checkpoint(path):  # ckpt.pt is written through .ckpt.<pid>.tmp.pt
+        if path.name.startswith(".ckpt."):
+            checkpoint_writes.append(path)
+            return len(checkpoint_writes) == 2
+        return False
+
+    full_disk(room=4096, when=second_checkpoint)  # the second save fails after 4 kB
+    argv = train_command(folder, centroids, out, "--steps", "3", "--ckpt-every", "1")[2:]
+    with pytest.raises(SystemExit) as failed:
+        train.cli(argv)
+    assert failed.value.code == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"error: cannot write {out / 'ckpt.pt'}: No space left on device"
+    assert "Traceback" not in err and sum(line.startswith("error") for line in err.splitlines()) == 1
+    assert train.load_training_state(out / "ckpt.pt")["step"] == 1  # the last good checkpoint
+    assert leftovers(out) == []  # no temporary file, and the lock released
+
+
+# ---------------------------------------------------------------------------------------------- one run per folder
+
+
+def test_a_second_run_into_the_same_folder_is_refused(clip_folder, tmp_path):
+    folder, centroids = clip_folder
+    out = tmp_path / "run"
+    first = start(train_command(folder, centroids, out, "--steps", "100000"))
+    try:
+        wait_for(lambda: (out / ".lock").exists() and logged_steps(out), first)
+        second = subprocess.run(train_command(folder, centroids, out, "--steps", "5"), cwd=ROOT, capture_output=True,
+                                text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines() == [
+            f"error: {out} is in use by another run (pid {first.pid} on {socket.gethostname()}); wait for it to end "
+            f"or give another --out (if that run is gone, remove {out / '.lock'})"]
+        assert (out / ".lock").read_text().split()[0] == str(first.pid)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert first.returncode == 143
+    done = logged_steps(out)  # the first run's log and checkpoint are its own: every row once, in order
+    assert done == list(range(1, len(done) + 1))
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == done[-1]
+    assert leftovers(out) == []
+
+
+def test_the_lock_of_a_run_that_died_is_taken_over(clip_folder, tmp_path, capsys):
+    folder, centroids = clip_folder
+    out = tmp_path / "run"
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])  # a run that ended without releasing its lock
+    killed.wait()
+    out.mkdir()
+    (out / ".lock").write_text(f"{killed.pid} {socket.gethostname()}\n")
+    train.main(small_config(folder, centroids, out, steps=1))
+    printed = capsys.readouterr().out
+    assert f"taking over the lock of {out} from pid {killed.pid}, which is no longer running" in printed
+    assert (out / "corrflow.pt").is_file() and leftovers(out) == []
