@@ -392,11 +392,10 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
         items = [other[i]["clean"] for i in range(n)]
         return [torch.stack(items[i:i + cfg.batch_size]).to(device) for i in range(0, n, cfg.batch_size)]
 
-    def encode_raw(x):  # the model without DDP, for BatchNorm's statistics and the validation score
+    def encode_raw(x):  # the model without DDP, for the validation score
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return raw_model(x.contiguous(memory_format=memory_format)).float()
 
-    bn_batches = fixed_samples(cfg.seed + 2, BN_CLIPS)  # on every process: SyncBatchNorm's statistics are shared
     val_batches = fixed_samples(cfg.seed + 1, cfg.val_clips) if master and cfg.val_every else []
     log_path = out / "log.csv"
     if master:
@@ -472,10 +471,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
             bar.update(1)
 
             last = step == total_steps or (deadline is not None and time.time() > deadline)  # a timed run's too
-            scored = cfg.val_every and (step % cfg.val_every == 0 or step == total_steps or step == 1)
-            if scored:  # the same steps on every process
-                recompute_batchnorm(raw_model, bn_batches, encode_raw)
-            val_ce = validation_ce(raw_model, val_batches, centroids, cfg, encode_raw) if scored and master else None
+            scored = master and cfg.val_every and (step % cfg.val_every == 0 or last or step == 1)
+            val_ce = validation_ce(raw_model, val_batches, centroids, cfg, encode_raw) if scored else None
             if master and (step % cfg.log_every == 0 or last or scored):
                 now = time.time()
                 clips_per_s = (step - step_last) * B * world / max(now - t_last, 1e-9)
@@ -492,8 +489,6 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
                 save_atomic(checkpoint(raw_model, optimizer, step, cfg, centroids, world), ckpt_path)
             t_ready = time.time()
     weights = out / "corrflow.pt"
-    if not stop.signum and not (cfg.val_every and step == total_steps):  # not just done in the loop
-        recompute_batchnorm(raw_model, bn_batches, encode_raw)  # (skipped when stopped: saving comes first)
     if master:
         if step < total_steps and not stop.signum:  # the time budget ran out before the planned steps
             print(f"time budget of {(deadline - t_start) / 60:.1f} min spent at step {step} of {total_steps}")
@@ -510,31 +505,6 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
     if stop.signum:
         raise SystemExit(stop.exit_code)
     return weights
-
-
-BN_CLIPS = 64  # clean training clips BatchNorm's statistics are recomputed on, before validation and the export
-
-
-@torch.no_grad()
-def recompute_batchnorm(model, batches, encode):
-    """BatchNorm's running statistics, recomputed as plain averages over clean clips (no jitter, no dropout).
-
-    The running averages kept during training follow the training inputs, 70% of them colour-dropped (1 or 2 RGB
-    channels zeroed, the rest rescaled), and normalise the clean frames of test time wrongly. Measured on the
-    validation triplets (log.csv's val_ce) 600 steps into a --crop 128 run: 0.650 with the running averages, 0.538
-    with statistics recomputed on 64 clean clips, 0.527 with each batch's own statistics (raw Lab colour: 0.511)."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches below
-    training = model.training
-    model.train()
-    for clean in batches:  # (B, 3, 3, H, W)
-        encode(clean.flatten(0, 1))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.train(training)
 
 
 CALIBRATION_SKIP = 5  # --minutes: steps left out of the timing (start-up: allocator, loader, cuDNN autotuning)

@@ -155,14 +155,15 @@ def test_ddp_two_processes_equal_one_process(clip_folder, tmp_path):
 def test_minutes_fixes_the_run_length_from_the_first_steps(clip_folder, tmp_path, monkeypatch, capsys):
     folder, centroids = clip_folder
     monkeypatch.setattr(train, "CALIBRATION_STEPS", 3)
-    cfg = small_config(folder, centroids, tmp_path / "run", minutes=0.2, log_every=1)
+    monkeypatch.setattr(train, "CALIBRATION_SKIP", 2)
+    cfg = small_config(folder, centroids, tmp_path / "run", minutes=0.3, log_every=1)
     t = time.time()
     weights = train.main(cfg)
     took = time.time() - t
     ckpt = torch.load(Path(cfg.out) / "ckpt.pt", weights_only=False)
     planned, done = ckpt["train_config"]["steps"], ckpt["step"]
     assert ckpt["train_config"]["minutes"] == 0 and planned > train.CALIBRATION_SKIP + 3  # saved: --resume continues this schedule
-    assert weights.is_file() and took < 12 + 15, took  # the budget plus start-up and the export
+    assert weights.is_file() and took < 18 + 15, took  # the budget plus start-up and the export
     # planned from the speed of the first steps; a machine that slows down later stops at the budget instead
     assert done == planned or (done < planned and "time budget" in capsys.readouterr().out)
     rows = read_log(cfg.out)
