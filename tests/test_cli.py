@@ -383,7 +383,7 @@ def test_resume_keeps_the_schedule_and_says_what_it_ignores(train_inputs, capsys
 
     started = {}
 
-    def new_run(batch_size, start, total, rank=0, world=1):
+    def new_run(batch_size, start, total, rank=0, world=1, offset=0):
         started.update(start=start, total=total)
         raise RuntimeError("the new run starts")
 
