@@ -34,7 +34,7 @@ from data import ClipDataset, RunBatches, read_frames
 from kernels import local_attention_ref
 from model import CorrFlow
 from propagate import Encoder, PropagationConfig, load_encoder, propagate_masks, read_mask
-from train import TrainConfig, colour_dropout, colour_targets, colourise, nll
+from train import TrainConfig, colour_dropout, colour_targets, colourise, encode, nll
 
 PARTS = ("kernel", "train", "propagate")
 MiB = 2**20
@@ -251,26 +251,22 @@ def train_step(model, optimizer, batch, centroids, cfg: TrainConfig, device, bf1
         times[name], t[0] = (now - t[0]) * 1e3, now
 
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-    memory_format = torch.channels_last if bf16 else torch.contiguous_format
     frames = batch["frames"].to(device, non_blocking=True)  # (B, 3 frames, 3, H, W)
     clean = batch["clean"].to(device, non_blocking=True)
     B = frames.shape[0]
     target, labels = colour_targets(clean, centroids)  # (B, 3, H, W), (B, 3, 16, H/4, W/4)
     x, _ = colour_dropout(frames, cfg.dropout_none_p, gen)
     lap("prep")
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        x = x.flatten(0, 1).contiguous(memory_format=memory_format)  # (B*3, 3, H, W)
-        feats = model(x).float() if device.type == "cpu" else model(x)  # train.py: fp32 copies on the CPU
-        f0, f1, f2 = feats.view(B, 3, -1, *labels.shape[-2:]).unbind(1)  # each (B, 64, H/4, W/4)
-        lap("encoder")
-        p1, p2, p0_short, p0_long = colourise(f0, f1, f2, labels, True, cfg.model.radius, cfg.model.temperature)
-        lap("copy")
-        short = nll(p1, target[:, 1]) + nll(p2, target[:, 2])
-        cycle = nll(p0_short, target[:, 0]) + nll(p0_long, target[:, 0])
-        loss = short + cfg.cycle_weight * cycle
-        if not torch.isfinite(loss):
-            raise FloatingPointError("non-finite loss")
-        lap("loss")
+    f0, f1, f2 = encode(model, x.flatten(0, 1), bf16).view(B, 3, -1, *labels.shape[-2:]).unbind(1)  # (B, 64, h, w)
+    lap("encoder")
+    p1, p2, p0_short, p0_long = colourise(f0, f1, f2, labels, True, cfg.model.radius, cfg.model.temperature)
+    lap("copy")
+    short = nll(p1, target[:, 1]) + nll(p2, target[:, 2])
+    cycle = nll(p0_short, target[:, 0]) + nll(p0_long, target[:, 0])
+    loss = short + cfg.cycle_weight * cycle
+    if not torch.isfinite(loss):
+        raise FloatingPointError("non-finite loss")
+    lap("loss")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -403,12 +403,12 @@ class ClipDataset(torch.utils.data.Dataset):
         out = []
         for frame in frames:
             x = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
-            H, W = x.shape[-2:]
             # squash: aspect not kept (CorrFlow); crop: the short side at `size`, so a 128 crop of a 256-scale
             # frame shows objects at the size CorrFlow trains at. Antialias so that downscaling does not alias
-            hw = (self.size, self.size) if not self.crop else (
-                (self.size, max(self.size, round(W * self.size / H))) if H <= W else
-                (max(self.size, round(H * self.size / W)), self.size))
+            hw = (self.size, self.size)
+            if self.crop:
+                s = self.size / min(x.shape[-2:])
+                hw = tuple(max(self.size, round(n * s)) for n in x.shape[-2:])
             x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
             out.append(x[0])
         return torch.stack(out).clamp(0, 1) if out else torch.empty(0, 3, self.size, self.size)

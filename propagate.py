@@ -123,8 +123,9 @@ def scaled_size(H: int, W: int, scale: float) -> tuple[int, int]:
 
 
 def to_grid(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Per-pixel maps (1, C, H, W) -> the encoded frame's (1, C, H', W'): resized by `scale` (area-weighted, so
-    that labels stay averages), right/bottom edge replicated up to multiples of 4."""
+    """Per-pixel maps (1, C, H, W) -> the encoded frame's (1, C, H', W'): resized by `scale` (antialiased bilinear,
+    whose weights are positive and sum to 1, so labels stay averages), right/bottom edge replicated up to
+    multiples of 4."""
     size = scaled_size(*x.shape[-2:], scale)
     if size != tuple(x.shape[-2:]):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -175,9 +176,9 @@ def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: to
 
 
 def hard_labels(probs: torch.Tensor) -> torch.Tensor:
-    """What the paper's protocol feeds back: the soft output (1, K, h, w) upsampled to full resolution, its argmax
-    there, and that hard map's one-hot averaged back down to stride 4 (soft only at the object borders, like the
-    first frame's labels) -> (1, K, h, w)."""
+    """What the paper's protocol feeds back: the soft output (1, K, h, w) upsampled to the encoded frame's full
+    resolution (the frame's own at --scale 1), its argmax there, and that hard map's one-hot averaged back down to
+    stride 4 (soft only at the object borders, like the first frame's labels) -> (1, K, h, w)."""
     full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)  # (1, K, H', W')
     one_hot = F.one_hot(full.argmax(1), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
     return downsample_labels(one_hot)

@@ -85,7 +85,8 @@ CHECKS = {
     "batch_size": cmdline.integer(1), "lr": cmdline.real(above=0), "lr_halve_at": cmdline.real(above=0),
     "size": cmdline.integer(16, multiple_of=4), "crop": cmdline.integer(0, multiple_of=4),
     "sampling": cmdline.choice(*SAMPLINGS), "precision": cmdline.choice("auto", "bf16", "fp32"),
-    "warmup_steps": cmdline.integer(0), "val_every": cmdline.integer(0), "val_clips": cmdline.integer(1), "frame_gap": cmdline.integer(1), "radius": cmdline.integer(0, 64),
+    "warmup_steps": cmdline.integer(0), "val_every": cmdline.integer(0), "val_clips": cmdline.integer(1),
+    "frame_gap": cmdline.integer(1), "radius": cmdline.integer(0, 64),
     "jitter_p": cmdline.real(0, 1), "dropout_none_p": cmdline.real(0, 1), "p_gt_start": cmdline.real(0, 1),
     "p_gt_end": cmdline.real(0, 1), "cycle_weight": cmdline.real(0), "num_clusters": cmdline.integer(2, 256),
     "workers": cmdline.integer(0), "seed": cmdline.integer(0, 2**32 - 1),  # numpy's and k-means' seeds stop there
@@ -137,6 +138,19 @@ def colour_targets(clean: torch.Tensor, centroids: torch.Tensor) -> tuple:
     return target.view(B, T, *target.shape[1:]), labels.view(B, T, *labels.shape[1:])
 
 
+def encode(model, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """Frames (N, 3, H, W) -> features (N, 64, H/4, W/4); with `bf16` the encoder runs in bf16 autocast,
+    channels-last. On the CPU the features come back in fp32: the reference copy and the loss stay fp32 there."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        feats = model(x.contiguous(memory_format=torch.channels_last if bf16 else torch.contiguous_format))
+    return feats.float() if x.device.type == "cpu" else feats
+
+
+def copy_one(query, ref, ref_labels, radius: int, temperature: float) -> torch.Tensor:
+    """The copy from one reference frame: (B, C, h, w), (B, C, h, w), (B, K, h, w) -> (B, K, h, w), fp32."""
+    return copy_labels(query, ref[:, None], ref_labels[:, None].to(ref.dtype), radius, temperature).float()
+
+
 def colourise(f0, f1, f2, labels, use_gt: bool, radius: int, temperature: float) -> tuple:
     """The copies of one iteration, from features f0, f1, f2 (B, C, h, w) of a triplet and the stride-4 labels
     (B, 3, 16, h, w) of its frames -> (p1, p2, p0_short, p0_long) colour probabilities (B, 16, h, w), fp32.
@@ -145,9 +159,7 @@ def colourise(f0, f1, f2, labels, use_gt: bool, radius: int, temperature: float)
     sampling), else from the model's own soft prediction p1 (with gradient). Cycle, on own predictions only:
     0 -> 1 -> 0 gives p0_short, 0 -> 1 -> 2 -> 1 -> 0 gives p0_long; both should reconstruct frame 0."""
 
-    def copy(query, ref, ref_labels):  # one reference: (B, C, h, w), (B, C, h, w), (B, K, h, w) -> (B, K, h, w)
-        return copy_labels(query, ref[:, None], ref_labels[:, None].to(ref.dtype), radius, temperature).float()
-
+    copy = functools.partial(copy_one, radius=radius, temperature=temperature)
     p1 = copy(f1, f0, labels[:, 0])
     p2 = copy(f2, f1, labels[:, 1] if use_gt else p1)
     p0_short = copy(f0, f1, p1)
@@ -163,7 +175,7 @@ def nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_ce(model, batches, centroids, cfg: TrainConfig, encode) -> float:
+def validation_ce(model, batches, centroids, cfg: TrainConfig, bf16: bool) -> float:
     """A measure of learning that batch losses are too noisy to give: on fixed triplets (true labels, no jitter or
     dropout, BatchNorm in eval mode as at test time), the cross-entropy of frames 1 and 2 copied from the true
     labels of frames 0 and 1, minus its floor: the cross-entropy of each frame's own stride-4 labels upsampled
@@ -173,9 +185,9 @@ def validation_ce(model, batches, centroids, cfg: TrainConfig, encode) -> float:
     for clean in batches:  # (B, 3, 3, H, W)
         B = clean.shape[0]
         target, labels = colour_targets(clean, centroids)
-        f0, f1, f2 = encode(clean.flatten(0, 1)).view(B, 3, -1, *labels.shape[-2:]).unbind(1)
-        p1 = copy_labels(f1, f0[:, None], labels[:, :1].to(f0.dtype), cfg.model.radius, cfg.model.temperature)
-        p2 = copy_labels(f2, f1[:, None], labels[:, 1:2].to(f1.dtype), cfg.model.radius, cfg.model.temperature)
+        f0, f1, f2 = encode(model, clean.flatten(0, 1), bf16).view(B, 3, -1, *labels.shape[-2:]).unbind(1)
+        p1 = copy_one(f1, f0, labels[:, 0], cfg.model.radius, cfg.model.temperature)
+        p2 = copy_one(f2, f1, labels[:, 1], cfg.model.radius, cfg.model.temperature)
         ce = nll(p1, target[:, 1]) + nll(p2, target[:, 2])
         floor = nll(labels[:, 1], target[:, 1]) + nll(labels[:, 2], target[:, 2])
         total += float(ce - floor) / 2 * B
@@ -368,8 +380,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
     raw_model = model
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (device.type == "cuda" or _bf16_faster(
         model, cfg.crop or cfg.size, master)))
-    memory_format = torch.channels_last if bf16 else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = model.to(memory_format=torch.channels_last if bf16 else torch.contiguous_format)
     if device.type == "cuda":
         if ddp:  # batch statistics over the global batch (SyncBatchNorm needs GPUs)
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -380,23 +391,13 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
     loader = torch.utils.data.DataLoader(clips, batch_sampler=sampler,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=False, worker_init_fn=ignore_in_worker)
-
-    def encode(x):  # (N, 3, H, W) -> (N, 64, H/4, W/4); the CPU's reference copy and the loss stay in fp32
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            feats = model(x.contiguous(memory_format=memory_format))
-        return feats.float() if device.type == "cpu" else feats
-
-    def fixed_samples(seed: int, n: int) -> list:  # n clean clips (no jitter) of another seed, in batches
-        other = copy.copy(clips)
-        other.seed, other.jitter_p = seed, 0.0
-        items = [other[i]["clean"] for i in range(n)]
-        return [torch.stack(items[i:i + cfg.batch_size]).to(device) for i in range(0, n, cfg.batch_size)]
-
-    def encode_raw(x):  # the model without DDP, for the validation score
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return raw_model(x.contiguous(memory_format=memory_format)).float()
-
-    val_batches = fixed_samples(cfg.seed + 1, cfg.val_clips) if master and cfg.val_every else []
+    val_batches = []  # fixed validation triplets: clean samples of another seed, scored by the first process
+    if master and cfg.val_every:
+        val = copy.copy(clips)
+        val.seed, val.jitter_p = cfg.seed + 1, 0.0
+        items = [val[i]["clean"] for i in range(cfg.val_clips)]
+        val_batches = [torch.stack(items[i:i + cfg.batch_size]).to(device)
+                       for i in range(0, len(items), cfg.batch_size)]
     log_path = out / "log.csv"
     if master:
         _trim_log(log_path, step)
@@ -445,7 +446,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
             x, _ = colour_dropout(frames, cfg.dropout_none_p, gen)
             # each frame encoded once per iteration and every copy below reuses these features (the original
             # re-encodes per copy; one difference: BatchNorm's batch statistics here pool all three frames)
-            f0, f1, f2 = encode(x.flatten(0, 1)).view(B, 3, -1, *labels.shape[-2:]).unbind(1)  # (B, 64, H/4, W/4)
+            f0, f1, f2 = encode(model, x.flatten(0, 1), bf16).view(B, 3, -1, *labels.shape[-2:]).unbind(1)
 
             # 2. short-term colourisation, 0 -> 1 from true labels, 1 -> 2 with 3. scheduled sampling:
             #    true labels of frame 1 with probability p_gt, else the model's own soft prediction (with grad);
@@ -472,7 +473,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
 
             last = step == total_steps or (deadline is not None and time.time() > deadline)  # a timed run's too
             scored = master and cfg.val_every and (step % cfg.val_every == 0 or last or step == 1)
-            val_ce = validation_ce(raw_model, val_batches, centroids, cfg, encode_raw) if scored else None
+            val_ce = validation_ce(raw_model, val_batches, centroids, cfg, bf16) if scored else None
             if master and (step % cfg.log_every == 0 or last or scored):
                 now = time.time()
                 clips_per_s = (step - step_last) * B * world / max(now - t_last, 1e-9)
