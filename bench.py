@@ -369,8 +369,7 @@ def bench_propagate(device, quick, davis, checkpoint) -> list:
     if checkpoint:
         encoders = {f"model ({Path(checkpoint).name})": load_encoder(checkpoint, "model", device)}
     else:
-        encoders = {"model (random init)": Encoder(CorrFlow().eval().to(device), squared_distance=False,
-                                                               temperature=1.0)}
+        encoders = {"model (random init)": [Encoder(CorrFlow().eval().to(device), squared_distance=False)]}
     encoders["lab"] = load_encoder(None, "lab", device)
     ops = ("ref", "fused") if cuda else ("ref",)
     rows = []

@@ -22,6 +22,12 @@ Usage:
     python evaluate.py davis ROOT --predictions DIR [--csv FILE]   # score DIR/<seq>/%05d.png
     python evaluate.py davis ROOT --out DIR [propagation options]   # propagate each sequence, then score
     python evaluate.py points DIR --gt KEYPOINT_DIR                 # score DIR/<seq>.json
+    python evaluate.py grid ROOT --configs GRID.json --out CSV [--keypoints DIR]   # many propagation settings
+
+A grid file maps names to propagation settings (PropagationConfig's fields), e.g.
+    {"lab": {"features": "lab"}, "model top-10": {"topk": 10, "normalize": true, "temperature": 0.05}}
+Each sequence is read once and each frame encoded once per scale; every setting is then propagated and scored in
+memory (nothing but the CSV is written). With --keypoints, the sequences that have a keypoint JSON are also tracked.
 """
 import argparse
 import csv
@@ -133,17 +139,32 @@ def score_sequence(pred_dir: Path, gt_dir: Path) -> dict[int, dict[str, list[flo
     gt_paths = sorted(gt_dir.glob("*.png"))
     if not gt_paths:
         raise ValueError(f"no annotations in {gt_dir}")
-    n_objects = int(read_annotation(gt_paths[0]).max())
+
+    def predictions():
+        for i, gt_path in enumerate(gt_paths):
+            pred_path = pred_dir / gt_path.name
+            if i == 0 or i == len(gt_paths) - 1:
+                yield pred_path, None  # not scored: need not exist
+            elif not pred_path.is_file():
+                raise ValueError(f"missing prediction {pred_path}")
+            else:
+                yield pred_path, read_label_png(pred_path)
+
+    return score_masks(predictions(), [read_annotation(p) for p in gt_paths])
+
+
+def score_masks(predictions, gts: list[np.ndarray]) -> dict[int, dict[str, list[float]]]:
+    """score_sequence's rule on (name, (H, W) ids) predictions, one per annotation in `gts` (the first and the last
+    are not scored)."""
+    n_objects = int(gts[0].max())
     scores = {o: {"J": [], "F": []} for o in range(1, n_objects + 1)}
-    for gt_path in gt_paths[1:-1]:
-        pred_path = pred_dir / gt_path.name
-        if not pred_path.is_file():
-            raise ValueError(f"missing prediction {pred_path}")
-        gt, pred = read_annotation(gt_path), read_label_png(pred_path)
+    for i, (gt, (name, pred)) in enumerate(zip(gts, predictions)):
+        if i == 0 or i == len(gts) - 1:
+            continue
         if pred.shape != gt.shape:
-            raise ValueError(f"{pred_path}: size {pred.shape[1]}x{pred.shape[0]}, annotation is {gt.shape[1]}x{gt.shape[0]}")
+            raise ValueError(f"{name}: size {pred.shape[1]}x{pred.shape[0]}, annotation is {gt.shape[1]}x{gt.shape[0]}")
         if pred.max() > n_objects:
-            raise ValueError(f"{pred_path}: object id {pred.max()}, annotation has {n_objects} object(s)")
+            raise ValueError(f"{name}: object id {pred.max()}, annotation has {n_objects} object(s)")
         for o, s in scores.items():
             p, g = pred == o, gt == o
             s["J"].append(db_iou(p, g))
@@ -310,6 +331,111 @@ def report_points(results: dict) -> dict[float, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Grids of propagation settings
+
+
+class CachedEmbed:
+    """An encoder's embed with a cache keyed by the input's bytes: a grid encodes each frame once per scale."""
+
+    def __init__(self, embed):
+        self.embed, self.cache = embed, {}
+
+    def __call__(self, rgb):
+        key = (tuple(rgb.shape), hash(rgb.cpu().numpy().tobytes()))
+        if key not in self.cache:
+            self.cache[key] = self.embed(rgb)
+        return self.cache[key]
+
+
+def read_grid(path: Path) -> dict:
+    """A grid JSON -> {name: PropagationConfig}; a bad file or an unknown setting is one line naming it."""
+    import dataclasses
+
+    import propagate
+
+    grid = read_json(path)
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, dict) for v in grid.values()):
+        raise ValueError(f"{path}: expected {{name: {{setting: value}}}}")
+    fields = {f.name for f in dataclasses.fields(propagate.PropagationConfig)}
+    configs = {}
+    for name, settings in grid.items():
+        unknown = set(settings) - fields
+        if unknown:
+            raise ValueError(f"{path}: '{name}' has unknown settings {sorted(unknown)} (known: {sorted(fields)})")
+        configs[name] = propagate.PropagationConfig(**settings)
+    return configs
+
+
+def run_grid(root: Path, configs: dict, sequences: list[str], checkpoint, device: str, out_csv: Path,
+             keypoints: Path | None = None) -> dict[str, dict[str, float]]:
+    """Propagate and score every setting of `configs` on every sequence; print a table, write one CSV row per
+    setting (J&F, J, F, per-sequence J&F, PCK when --keypoints, seconds per frame with the features cached)."""
+    import time
+
+    import imageio.v3 as iio
+    import torch
+
+    import propagate
+
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device)
+    kinds = sorted({part for cfg in configs.values() for part in cfg.features.split("+")})
+    cached = {}  # "model" / "lab" -> its Encoder, embed cached
+    for kind in kinds:
+        (encoder,) = propagate.load_encoder(checkpoint, kind, dev)
+        encoder.embed = CachedEmbed(encoder.embed)
+        cached[kind] = encoder
+    results = {name: {} for name in configs}  # name -> {sequence: per-object scores}
+    points = {name: {} for name in configs}  # name -> {sequence: {alpha: (correct, scored)}}
+    seconds = {name: 0.0 for name in configs}
+    n_frames = 0
+    gt_root = Path(root) / "Annotations" / "480p"
+    for seq in sequences:
+        frame_paths = sorted((Path(root) / "JPEGImages" / "480p" / seq).glob("*.jpg"))
+        if not frame_paths:
+            raise ValueError(f"no frames in {Path(root) / 'JPEGImages' / '480p' / seq}")
+        frames = [iio.imread(p) for p in frame_paths]
+        gts = [read_annotation(gt_root / seq / f"{p.stem}.png") for p in frame_paths]
+        gt_points = Path(keypoints) / f"{seq}.json" if keypoints else None
+        n_frames += len(frames)
+        for name, cfg in configs.items():
+            encoders = [cached[kind] for kind in cfg.features.split("+")]
+            t0 = time.perf_counter()
+            masks = list(propagate.propagate_masks(frames, gts[0], cfg, encoders, dev))
+            seconds[name] += time.perf_counter() - t0
+            results[name][seq] = score_masks(((f"{seq}/{p.stem}", m) for p, m in zip(frame_paths, masks)), gts)
+            if gt_points is not None and gt_points.is_file():
+                _, start, xy, visible = propagate.read_points(gt_points)
+                tracks = propagate.propagate_points(frames[start:], xy[visible], cfg, encoders, dev)
+                pred = {"frames": list(range(start, len(frames))), "xy": []}
+                for track in tracks:
+                    full = np.full((len(xy), 2), np.nan)
+                    full[visible] = track
+                    pred["xy"].append([None if np.isnan(p[0]) else list(p) for p in full])
+                points[name][seq] = {a: pck_counts(pred, read_json(gt_points), a) for a in (0.1, 0.2)}
+        for encoder in cached.values():
+            encoder.embed.cache.clear()
+        print(f"{seq}: {len(configs)} settings", flush=True)
+    header = ["setting", "J&F", "J", "F", *sequences, "PCK@0.1", "PCK@0.2", "s/frame (features cached)", "config"]
+    rows, summary = [header], {}
+    print(f"{'setting':<32} {'J&F':>6} {'J':>6} {'F':>6}  " + " ".join(f"{q[:8]:>8}" for q in sequences)
+          + "  PCK@0.1 PCK@0.2  s/frame")
+    for name, cfg in configs.items():
+        total = summarise(results[name])
+        per_seq = [summarise({q: results[name][q]})["J&F"] for q in sequences]
+        pck_mean = {a: (sum(r[a][0] for r in points[name].values()) / sum(r[a][1] for r in points[name].values())
+                        if points[name] else float("nan")) for a in (0.1, 0.2)}
+        summary[name] = {**total, **{f"PCK@{a}": v for a, v in pck_mean.items()}}
+        per_frame = seconds[name] / max(n_frames, 1)
+        print(f"{name:<32} {total['J&F']:6.3f} {total['J-Mean']:6.3f} {total['F-Mean']:6.3f}  "
+              + " ".join(f"{v:8.3f}" for v in per_seq) + f"  {pck_mean[0.1]:7.3f} {pck_mean[0.2]:7.3f}  {per_frame:7.2f}")
+        rows.append([name, *(f"{total[k]:.4f}" for k in ("J&F", "J-Mean", "F-Mean")), *(f"{v:.4f}" for v in per_seq),
+                     f"{pck_mean[0.1]:.4f}", f"{pck_mean[0.2]:.4f}", f"{per_frame:.3f}",
+                     json.dumps({k: v for k, v in vars(cfg).items()})])
+    write_csv_atomic(out_csv, rows)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -349,6 +475,16 @@ def build_parser(propagation: bool = True) -> argparse.ArgumentParser:
     if propagation:  # --protocol, --features, --radius, ...
         import propagate
         propagate.add_propagation_args(davis)
+    grid = sub.add_parser("grid", help="J&F (and PCK) of many propagation settings, each frame encoded once")
+    grid.add_argument("root", type=cmdline.existing_folder, help="a DAVIS-layout folder, as for davis")
+    grid.add_argument("--configs", type=cmdline.existing_file, required=True,
+                      help="JSON {name: {setting: value}} of PropagationConfig fields")
+    grid.add_argument("--out", type=cmdline.output_file, required=True, help="the CSV, one row per setting")
+    grid.add_argument("--sequences", nargs="+", help="default: every sequence of ImageSets/2017/val.txt")
+    grid.add_argument("--keypoints", type=cmdline.existing_folder,
+                      help="keypoint JSONs: sequences that have one are tracked and scored (PCK) too")
+    grid.add_argument("--checkpoint", type=cmdline.existing_file, help="encoder weights (default: the shipped ones)")
+    grid.add_argument("--device", type=cmdline.device, default="auto", help="auto | cpu | cuda")
     points = sub.add_parser("points", help="PCK@0.1 and PCK@0.2 of keypoint JSONs")
     points.add_argument("predictions", type=cmdline.existing_folder, help="folder of <sequence>.json")
     points.add_argument("--gt", type=cmdline.existing_folder, required=True, help="ground-truth keypoint JSONs")
@@ -363,6 +499,9 @@ def cli(argv=None) -> dict:
     try:
         if args.task == "davis":
             return main_davis(args.root, args.predictions, args.out, args.csv, args.sequences, args)
+        if args.task == "grid":
+            return run_grid(args.root, read_grid(args.configs), args.sequences or read_sequences(args.root),
+                            args.checkpoint, args.device, args.out, args.keypoints)
         return main_points(args.predictions, args.gt)
     except (ValueError, OSError) as e:
         cmdline.fail(e)

@@ -3,13 +3,15 @@
     python propagate.py VIDEO MASK.png [--out DIR]      # VIDEO: a video file or a folder of frames
     python propagate.py VIDEO POINTS.json [--out DIR]   # keypoints, in the layout of data/keypoints/*.json
     python propagate.py VIDEO MASK.png --features lab   # no learning: raw Lab colour as the features
+    python propagate.py VIDEO MASK.png --features model+lab  # one softmax over the sum of both logits
 
 Every frame is encoded once at stride 4. Its labels are copied from the references: the first frame with its true
 labels and the N most recent frames with their predicted labels, through one softmax over all
-R x (2 * radius + 1)^2 candidates of each position (`kernels.local_attention`). Only the references are kept, so memory
-does not grow with the video's length. `--protocol corrflow` is the paper's protocol (previous frame only, its hard
-argmax fed back, radius 6, raw dot products); the default is the best setting measured on DAVIS (first + 3 recent
-frames, soft labels). Top-k attention is not offered: it needs the attention weights, which the fused op never builds.
+candidates of each position: a (2 * radius + 1)^2 window of every reference (the first frame's may be wider), or only
+the top-k of them by score (`kernels.local_attention`). Only the references are kept, so memory does not grow with
+the video's length. The logits are <q, k> / T of the model's features (raw, or L2-normalised), -|q - k|^2 / T of
+Lab colour, or the sum of the two (`model+lab`). `--protocol corrflow` is the paper's protocol (previous frame only,
+its hard argmax fed back, radius 6, raw dot products); the default is the best setting measured on DAVIS (README).
 Outputs: one palette PNG per frame (00000.png ..., first frame included) or points.json, and an overlay video.
 """
 import argparse
@@ -41,9 +43,13 @@ POINT_TOPK = 5  # a point's location: probability-weighted mean of its 5 most pr
 
 @dataclass
 class PropagationConfig:
-    features: str = "model"  # "model": CorrFlow encoder from a checkpoint; "lab": raw Lab colour, no learning
+    features: str = "model"  # "model": CorrFlow encoder from a checkpoint; "lab": raw Lab colour, no learning; "model+lab": one softmax over the sum of both logits
     radius: int = 6  # window radius at stride 4: (2r+1)^2 = 13x13 candidates per reference (CorrFlow: 6)
-    temperature: Optional[float] = None  # softmax temperature; None: the features' own (model 1.0, lab LAB_TEMPERATURE)
+    first_radius: Optional[int] = None  # the first frame's window radius; None: `radius`
+    topk: int = 0  # > 0: the softmax runs over the k best-scoring candidates of all references only; 0: all of them
+    temperature: Optional[float] = None  # the model features' softmax temperature; None: 1.0 (raw), NORMALIZED_TEMPERATURE (normalised)
+    normalize: bool = False  # L2-normalise the model's features, so that logits are cosines / temperature
+    lab_temperature: Optional[float] = None  # Lab colour's temperature of the squared distances; None: LAB_TEMPERATURE
     use_first: bool = True  # the first frame and its true labels stay a reference throughout (CorrFlow: no)
     num_recent: int = 3  # N most recent frames, with their predicted labels, as references (CorrFlow: 1)
     soft_labels: bool = True  # feed back probabilities; False: the full-resolution argmax (CorrFlow)
@@ -54,8 +60,9 @@ PROTOCOLS = {
     # first + 3 recent frames, soft labels: the best measured on DAVIS (README): J&F 0.584 with the shipped checkpoint
     # (the corrflow protocol: 0.535); with Lab colour 0.578
     "default": dict(radius=6, use_first=True, num_recent=3, soft_labels=True),
-    # Lai & Xie 2019: previous frame only, its hard argmax, radius 6; temperature stays the features' own (model: 1)
-    "corrflow": dict(radius=6, use_first=False, num_recent=1, soft_labels=False),
+    # Lai & Xie 2019: previous frame only, its hard argmax, radius 6, raw dot products (temperature 1), all candidates
+    "corrflow": dict(radius=6, first_radius=None, topk=0, use_first=False, num_recent=1, soft_labels=False,
+                     normalize=False),
 }
 
 
@@ -64,29 +71,32 @@ PROTOCOLS = {
 
 
 class Encoder:
-    """RGB (B, 3, H, W) in [0, 1], H and W multiples of 4 -> (query_feats, key_feats), each (B, C, H/4, W/4).
+    """One kind of features: RGB (B, 3, H, W) in [0, 1], H and W multiples of 4 -> (query, key), each
+    (B, C, H/4, W/4), whose dot product is the attention logit before the temperature.
 
-    The attention logits are <query, key> / temperature. For squared-distance features (Lab) the pair is augmented so
-    that the dot product gives -|q - k|^2 up to a per-query constant, which the softmax ignores:
-    -|q - k|^2 = 2 q.k - |k|^2 - |q|^2, so query' = [2q, 1] and key' = [k, -|k|^2].
+    Dot-product features (the model) give <q, k>, optionally L2-normalised (a cosine). For squared-distance features
+    (Lab) the pair is augmented so that the dot product gives -|q - k|^2 up to a per-query constant, which the
+    softmax ignores: -|q - k|^2 = 2 q.k - |k|^2 - |q|^2, so query' = [2q, 1] and key' = [k, -|k|^2].
     """
 
-    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], squared_distance: bool, temperature: float):
+    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], squared_distance: bool):
         self.embed = embed
         self.squared_distance = squared_distance
-        self.temperature = temperature  # used when the config leaves temperature at None
 
     @torch.inference_mode()
-    def __call__(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, rgb: torch.Tensor, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.embed(rgb).float()  # (B, C, H/4, W/4)
         if not self.squared_distance:
+            feats = F.normalize(feats, dim=1) if normalize else feats
             return feats, feats
         sq = (feats * feats).sum(1, keepdim=True)  # (B, 1, H/4, W/4)
         return torch.cat([2 * feats, torch.ones_like(sq)], 1), torch.cat([feats, -sq], 1)  # (B, C+1, H/4, W/4)
 
 
+FEATURES = ("model", "lab", "model+lab")
 LAB_LIGHTNESS_WEIGHT = 1.0  # lightness against colour in `lab_features`: the best of a grid on DAVIS (README)
 LAB_TEMPERATURE = 0.0007  # ... and the softmax temperature of the squared distances, from the same grid
+NORMALIZED_TEMPERATURE = 0.05  # the model's temperature when its features are L2-normalised (README)
 
 
 def lab_features(rgb: torch.Tensor) -> torch.Tensor:
@@ -97,20 +107,24 @@ def lab_features(rgb: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(lab * scale, STRIDE)  # (B, 3, H/4, W/4)
 
 
-def load_encoder(checkpoint: Optional[str | Path], features: Optional[str], device: torch.device) -> Encoder:
-    """The feature extractor: "model" (CorrFlow weights from `checkpoint`, None for the shipped one) or "lab"."""
+def load_encoder(checkpoint: Optional[str | Path], features: Optional[str], device: torch.device) -> list[Encoder]:
+    """The feature extractors: "model" (CorrFlow weights from `checkpoint`, None for the shipped one), "lab", or
+    "model+lab" (both: their logits are summed)."""
     features = features or "model"
-    if features == "lab":
-        return Encoder(lab_features, squared_distance=True, temperature=LAB_TEMPERATURE)
-    if features != "model":
-        raise ValueError(f"unknown features '{features}' (choose model or lab)")
+    if features not in FEATURES:
+        raise ValueError(f"unknown features '{features}' (choose {', '.join(FEATURES)})")
+    lab = [Encoder(lab_features, squared_distance=True)] if "lab" in features.split("+") else []
+    return ([model_encoder(checkpoint, device)] if "model" in features.split("+") else []) + lab
+
+
+def model_encoder(checkpoint: Optional[str | Path], device: torch.device) -> Encoder:
     if checkpoint is None or Path(checkpoint) == DEFAULT_CHECKPOINT:
         if not DEFAULT_CHECKPOINT.is_file():
             raise ValueError(f"{DEFAULT_CHECKPOINT.relative_to(DEFAULT_CHECKPOINT.parents[1])} not found: the trained "
                              "weights are not shipped yet; pass --checkpoint PATH or use --features lab")
         checkpoint = DEFAULT_CHECKPOINT
     model, _, _ = load_checkpoint(checkpoint, map_location=device)
-    return Encoder(model.to(device), squared_distance=False, temperature=1.0)  # CorrFlow: raw dot products
+    return Encoder(model.to(device), squared_distance=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,17 +160,35 @@ def to_frame(probs: torch.Tensor, H: int, W: int, scale: float) -> torch.Tensor:
     return full if (h, w) == (H, W) else F.interpolate(full, size=(H, W), mode="bilinear", align_corners=False)
 
 
+def temperatures(cfg: PropagationConfig, encoders: list[Encoder]) -> list[float]:
+    """The softmax temperature of each encoder's logits: Lab's (squared distances) and the model's."""
+    if cfg.temperature is not None and all(e.squared_distance for e in encoders):
+        raise ValueError("the temperature is the model features'; Lab colour's is lab_temperature (--lab-temperature)")
+    model_default = NORMALIZED_TEMPERATURE if cfg.normalize else 1.0  # CorrFlow: raw dot products
+    model = cfg.temperature if cfg.temperature is not None else model_default
+    lab = cfg.lab_temperature if cfg.lab_temperature is not None else LAB_TEMPERATURE
+    return [lab if e.squared_distance else model for e in encoders]
+
+
 @torch.inference_mode()
 def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: torch.Tensor, cfg: PropagationConfig,
-               encoder: Encoder, device: torch.device) -> Iterator[torch.Tensor]:
+               encoders: list[Encoder], device: torch.device) -> Iterator[torch.Tensor]:
     """The loop. Yields label probabilities (1, K, H'/4, W'/4) at stride 4 per frame, the first frame's own first."""
-    temperature = cfg.temperature if cfg.temperature is not None else encoder.temperature
     if cfg.num_recent < (0 if cfg.use_first else 1):
         raise ValueError("no references: keep the first frame or use --num-recent of at least 1")
+    temps = temperatures(cfg, encoders)
+
+    def encode(frame: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query, key) whose dot product is the summed logits of every encoder: each query divided by its
+        temperature, the parts concatenated along channels."""
+        rgb = to_tensor(frame, device, cfg.scale)
+        pairs = [e(rgb, cfg.normalize) for e in encoders]
+        return torch.cat([q / t for (q, _), t in zip(pairs, temps)], 1), torch.cat([k for _, k in pairs], 1)
+
     nxt = next(frames, None)  # look one frame ahead so that a one-frame video fails before any output
     if nxt is None:
         raise ValueError("the video has a single frame: nothing to propagate")
-    _, first_key = encoder(to_tensor(first, device, cfg.scale))  # (1, C, h, w)
+    _, first_key = encode(first)  # (1, C, h, w)
     recent = deque(maxlen=cfg.num_recent)  # (key (1, C, h, w), labels (1, K, h, w)) of the last N frames
     if not cfg.use_first:
         recent.append((first_key, first_labels))
@@ -165,11 +197,13 @@ def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: to
         if frame.shape != first.shape:
             raise ValueError(f"frame size changed from {first.shape[1]}x{first.shape[0]} "
                              f"to {frame.shape[1]}x{frame.shape[0]}")
-        query, key = encoder(to_tensor(frame, device, cfg.scale))  # (1, C, h, w) each
+        query, key = encode(frame)  # (1, C, h, w) each
         refs = ([(first_key, first_labels)] if cfg.use_first else []) + list(recent)  # at most N + 1
         ref_keys = torch.stack([k for k, _ in refs], 1)  # (1, R, C, h, w)
         ref_labels = torch.stack([v for _, v in refs], 1)  # (1, R, K, h, w)
-        probs = local_attention(query, ref_keys, ref_labels, cfg.radius, temperature)  # (1, K, h, w)
+        first_radius = cfg.radius if cfg.first_radius is None else cfg.first_radius
+        radii = [first_radius] * cfg.use_first + [cfg.radius] * len(recent)
+        probs = local_attention(query, ref_keys, ref_labels, radii, 1.0, cfg.topk)  # (1, K, h, w)
         if cfg.num_recent > 0:
             recent.append((key, probs if cfg.soft_labels else hard_labels(probs)))
         yield probs
@@ -195,8 +229,8 @@ def object_ids(mask: np.ndarray) -> np.ndarray:
     return ids
 
 
-def propagate_masks(frames: Iterable[np.ndarray], first_mask: np.ndarray, cfg: PropagationConfig, encoder: Encoder,
-                    device: torch.device) -> Iterator[np.ndarray]:
+def propagate_masks(frames: Iterable[np.ndarray], first_mask: np.ndarray, cfg: PropagationConfig,
+                    encoders: list[Encoder], device: torch.device) -> Iterator[np.ndarray]:
     """Frames (H, W, 3) uint8 RGB and the first frame's object ids (H, W) -> one (H, W) uint8 id map per frame.
 
     Any ids: they become channels 1..N (background channel 0) and are mapped back on output. Streams: reads one frame
@@ -214,7 +248,7 @@ def propagate_masks(frames: Iterable[np.ndarray], first_mask: np.ndarray, cfg: P
     channels = np.searchsorted(lut, first_mask)  # (H, W) channel index; lut is sorted as ids are
     one_hot = F.one_hot(torch.from_numpy(channels).to(device), len(lut)).permute(2, 0, 1)[None].float()
     first_labels = downsample_labels(to_grid(one_hot, cfg.scale))  # (1, K, H'/4, W'/4), soft at object borders
-    for i, probs in enumerate(_propagate(first, frames, first_labels, cfg, encoder, device)):
+    for i, probs in enumerate(_propagate(first, frames, first_labels, cfg, encoders, device)):
         if i == 0:
             yield first_mask.astype(np.uint8)
             continue
@@ -242,7 +276,7 @@ def locate_points(heatmaps: torch.Tensor) -> np.ndarray:
 
 
 def propagate_points(frames: Iterable[np.ndarray], first_points: np.ndarray, cfg: PropagationConfig,
-                     encoder: Encoder, device: torch.device) -> Iterator[np.ndarray]:
+                     encoders: list[Encoder], device: torch.device) -> Iterator[np.ndarray]:
     """Frames and the first frame's points (J, 2) pixel (x, y) -> (J, 2) per frame, the first frame's included.
 
     Heat maps are always fed back soft: an argmax over the joints' channels would erase them.
@@ -257,7 +291,7 @@ def propagate_points(frames: Iterable[np.ndarray], first_points: np.ndarray, cfg
     h, w = -(-Hs // STRIDE), -(-Ws // STRIDE)
     first_labels = gaussian_heatmaps(np.asarray(first_points) * to_scaled, h, w, device)  # (1, J, h, w)
     cfg = replace(cfg, soft_labels=True)
-    for i, heatmaps in enumerate(_propagate(first, frames, first_labels, cfg, encoder, device)):
+    for i, heatmaps in enumerate(_propagate(first, frames, first_labels, cfg, encoders, device)):
         yield np.asarray(first_points, dtype=np.float64) if i == 0 else locate_points(heatmaps) / to_scaled
 
 
@@ -412,7 +446,7 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
     stem = video.stem if video.suffix else video.name
     out = out or Path(f"{stem}_{'points' if points_mode else 'masks'}")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    encoder = load_encoder(checkpoint, cfg.features, dev)
+    encoders = load_encoder(checkpoint, cfg.features, dev)
     total = max(0, count_frames(video) - start)  # also fails early on a missing or unreadable video
     # the first frame's size checks the labels before anything is written
     first = next(read_frames(video, [start]), None) if total else None
@@ -431,9 +465,9 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
 
     frames, shown = itertools.tee(itertools.islice(read_frames(video), start, None))  # tee buffers one frame
     if points_mode:
-        results = propagate_points(frames, xy[visible], cfg, encoder, dev)
+        results = propagate_points(frames, xy[visible], cfg, encoders, dev)
     else:
-        results = propagate_masks(frames, first_mask, cfg, encoder, dev)
+        results = propagate_masks(frames, first_mask, cfg, encoders, dev)
     tracks = []
     video_out = overlay_video(out / "overlay.mp4", video_fps(video)) if overlay else contextlib.nullcontext()
     with video_out as write_overlay:
@@ -463,14 +497,24 @@ def add_propagation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="default",
                         help="default: first + 3 recent frames, soft labels; corrflow: the paper's (previous frame, "
                              "hard labels, radius 6)")
-    parser.add_argument("--features", choices=["model", "lab"], default="model",
-                        help="model: the CorrFlow encoder; lab: raw Lab colour, no learning")
+    parser.add_argument("--features", choices=FEATURES, default="model",
+                        help="model: the CorrFlow encoder; lab: raw Lab colour, no learning; model+lab: one softmax "
+                             "over the sum of both logits")
     parser.add_argument("--radius", type=cmdline.integer(0, 64),
                         help="attention window radius at stride 4, 0..64 (preset: 6)")
+    parser.add_argument("--first-radius", type=cmdline.integer(0, 64),
+                        help="the first frame's window radius, 0..64 (preset: --radius)")
+    parser.add_argument("--topk", type=cmdline.integer(0, 4096),
+                        help="softmax over the k best-scoring candidates of all references only; 0: all (preset: 0)")
     parser.add_argument("--num-recent", type=cmdline.integer(0, 100),
                         help="number of recent frames used as references, 0..100 (preset: 3)")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                        help="L2-normalise the model's features (preset: no)")
     parser.add_argument("--temperature", type=cmdline.real(above=0),
-                        help=f"softmax temperature, > 0 (model: 1.0, lab: {LAB_TEMPERATURE})")
+                        help=f"the model features' softmax temperature, > 0 (raw: 1.0, normalised: "
+                             f"{NORMALIZED_TEMPERATURE})")
+    parser.add_argument("--lab-temperature", type=cmdline.real(above=0),
+                        help=f"Lab colour's softmax temperature, > 0 (default: {LAB_TEMPERATURE})")
     parser.add_argument("--no-first", action="store_true", help="do not keep the first frame as a reference")
     parser.add_argument("--hard-labels", action="store_true",
                         help="feed back the argmax (taken at full resolution), not probabilities")
@@ -482,11 +526,16 @@ def add_propagation_args(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> PropagationConfig:
     """The protocol's preset, then every explicitly given flag on top of it."""
     cfg = PropagationConfig(features=args.features, **PROTOCOLS[args.protocol])
-    for field, value in (("radius", args.radius), ("num_recent", args.num_recent), ("temperature", args.temperature),
+    for field, value in (("radius", args.radius), ("first_radius", args.first_radius), ("topk", args.topk),
+                         ("num_recent", args.num_recent), ("normalize", args.normalize),
+                         ("temperature", args.temperature), ("lab_temperature", args.lab_temperature),
                          ("scale", args.scale)):
         if value is not None:
             cfg = replace(cfg, **{field: value})
     cfg = replace(cfg, use_first=False) if args.no_first else cfg
+    if cfg.features == "lab" and (cfg.temperature is not None or args.normalize):
+        raise ValueError("--temperature and --normalize are the model features'; with --features lab use "
+                         "--lab-temperature")
     if cfg.num_recent == 0 and not cfg.use_first:
         raise ValueError("--num-recent 0 without the first frame (--no-first, or --protocol corrflow) leaves no "
                          "reference: keep the first frame or use --num-recent of at least 1")

@@ -8,8 +8,9 @@ Triton carries its own `ptxas`, so a kernel can be compiled all the way to a cub
 op uses, `_fwd_launches` / `_bwd_launches`, on CPU tensors with the layouts the callers really pass):
 - train: `train.py` on CUDA, bf16 autocast: channels-last encoder output split into frames, labels from
   `colour_targets` or a previous copy's prediction, converted to the features' dtype; forward and both backwards.
-- propagate: `propagate.py` on CUDA: fp32 contiguous features (the model's 64 channels, or Lab's 3 + 1), the
-  first + recent references stacked (R = 1..4), K = 8 and 16 label channels, radius 6 and 12; forward only.
+- propagate: `propagate.py` on CUDA: fp32 contiguous features (the model's 64 channels or Lab's 3 + 1), the
+  first + recent references stacked (R = 1..21), K = 8 and 16 label channels, radius 6, 12 or 12 for the first
+  frame only, all candidates or the top 10; forward only (top-k adds its first pass, `_kth_kernel`).
 - gpu test: the fp32 shapes of the `gpu` tests in `tests/test_kernels.py`; forward and both backwards.
 The argument specialisation (an integer equal to 1 becomes a constant, pointers and integers that are multiples of
 16 get alignment hints) comes from Triton's own launch binder applied to those arguments, so the check compiles
@@ -109,16 +110,20 @@ def _propagate_launches():
 
     h, w = 120, 214  # DAVIS 480p: 480x854 frames, padded to 480x856, at stride 4
     out = []
-    for features, C in (("model", 64), ("lab", 4)):  # Lab: 3 channels + 1 for the squared distance
-        for R in (1, 2, 3, 4):
+    # Lab: 3 channels + 1 for the squared distance (model+lab's 68 channels run the reference: FUSED_FP32_MAX_CHANNELS)
+    for features, C in (("model", 64), ("lab", 4)):
+        for R in (1, 2, 4, 21):  # the first frame and up to 20 recent ones
             for K in (8, 16):
-                for radius in (6, 12):
-                    # torch.stack of R (1, C, h, w) / (1, K, h, w) tensors: contiguous
-                    query = torch.empty(1, C, h, w)
-                    refs, vals = torch.empty(1, R, C, h, w), torch.empty(1, R, K, h, w)
-                    o, lse = torch.empty(1, K, h, w), torch.empty(1, h, w)
-                    out.append((f"propagate {features}", dict(C=C, size=f"{h}x{w}", R=R, K=K, r=radius),
-                                _fwd_launches(query, refs, vals, o, lse, radius, 1.0, gpu=True)))
+                for radius in (6, 12, "12 first, 6"):
+                    radii = [12] + [6] * (R - 1) if radius == "12 first, 6" else radius
+                    for topk in (0, 10):
+                        # torch.stack of R (1, C, h, w) / (1, K, h, w) tensors: contiguous
+                        query = torch.empty(1, C, h, w)
+                        refs, vals = torch.empty(1, R, C, h, w), torch.empty(1, R, K, h, w)
+                        o, lse, thr = torch.empty(1, K, h, w), torch.empty(1, h, w), torch.empty(1, h, w)
+                        out.append((f"propagate {features}", dict(C=C, size=f"{h}x{w}", R=R, K=K, r=radius, topk=topk),
+                                    _fwd_launches(query, refs, vals, o, lse, radii, 1.0, topk, thr if topk else None,
+                                                  gpu=True)))
     return out
 
 
@@ -297,10 +302,10 @@ def work_table(sizes=((64, 64), (120, 214), (120, 216)), radii=(6, 12)) -> str:
     columns = " | ".join(f"{h}x{w} r={r}" for h, w in sizes for r in radii)
     lines = [f"| kernels | dtype | tile, chunk | {columns} |",
              "|---|---|---|" + "---|" * (len(sizes) * len(radii))]
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        cfg = CONFIGS[dtype]
+    geometries = [(_dtype_name(d), CONFIGS[d]) for d in (torch.float32, torch.bfloat16, torch.float16)]
+    for name, cfg in geometries:
         fractions = [useful_fraction(h, w, r, **cfg) for h, w in sizes for r in radii]
-        lines.append(f"| fwd, bwd_query, bwd_ref | {_dtype_name(dtype)} "
+        lines.append(f"| fwd, bwd_query, bwd_ref | {name} "
                      f"| {cfg['TILE_H']}x{cfg['TILE_W']}, {cfg['BLOCK_N']} | "
                      + " | ".join(f"{f:.1%}" for f in fractions) + " |")
     return "\n".join(lines)

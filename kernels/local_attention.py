@@ -1,15 +1,17 @@
 """Restricted (local) attention: the copy step of CorrFlow, as one fused op.
 
 For every position p = (y, x) of the query map and every reference frame r, the candidates are the reference
-positions q = (y + dy, x + dx) with |dy|, |dx| <= radius that lie inside the image. One softmax runs jointly over
-all R x (2*radius+1)^2 candidates:
+positions q = (y + dy, x + dx) with |dy|, |dx| <= radius_r that lie inside the image (`radius`: one int for every
+reference, or one per reference). One softmax runs jointly over the candidates of all R references:
 
-    a(p, r, q) = softmax_{r, q} ( <query[:, p], refs[r, :, q]> / temperature )
+    s(p, r, q) = <query[:, p], refs[r, :, q]> / temperature
+    a(p, r, q) = softmax_{r, q} ( s(p, r, q) ), over the candidates with s >= the topk-th largest s of p (all: topk=0)
     out[:, p]  = sum_{r, q} a(p, r, q) * values[r, :, q]
 
 Shapes: query (B, C, H, W), refs (B, R, C, H, W), values (B, R, K, H, W) -> out (B, K, H, W).
 Out-of-image window slots are excluded by an explicit validity mask computed from coordinates; the position
-itself is always a candidate, so every softmax has at least one term.
+itself is always a candidate, so every softmax has at least one term. Top-k keeps ties with the k-th score (so
+possibly more than k terms), and all candidates of a position that has fewer than k.
 
 Two implementations with the same signature:
 - `local_attention_ref`: plain PyTorch, the specification: dense scores of each 8x8 tile of queries against the
@@ -19,6 +21,7 @@ Two implementations with the same signature:
 `local_attention` dispatches: the Triton path for CUDA tensors, the reference otherwise.
 """
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +30,7 @@ TILE = 8  # the reference takes queries in TILE x TILE tiles
 SCORE_BUDGET_BYTES = 64 * 2**20  # ... and keeps at most about this much of scores at a time
 
 
-def _check(query, refs, values, radius, temperature):
+def _check(query, refs, values, radius, temperature, topk=0):
     if query.dim() != 4:
         raise ValueError(f"query must be (B, C, H, W), got shape {tuple(query.shape)}")
     if refs.dim() != 5:
@@ -49,55 +52,87 @@ def _check(query, refs, values, radius, temperature):
         raise ValueError(f"dtypes differ: query {query.dtype}, refs {refs.dtype}, values {values.dtype}")
     if not (query.device == refs.device == values.device):
         raise ValueError(f"devices differ: query {query.device}, refs {refs.device}, values {values.device}")
-    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
-        raise ValueError(f"radius must be an integer >= 0, got {radius!r}")
+    radii(radius, refs.shape[1])
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
+        raise ValueError(f"topk must be an integer >= 0 (0: every candidate), got {topk!r}")
 
 
-def local_attention_ref(query, refs, values, radius, temperature=1.0):
+def radii(radius, R: int) -> list[int]:
+    """The window radius of each of R references: `radius` is one int for all of them, or a sequence of R ints."""
+    try:
+        rs = [radius] * R if isinstance(radius, int) and not isinstance(radius, bool) else list(radius)
+    except TypeError:  # neither an int nor a sequence
+        rs = [radius]
+    if len(rs) != R or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in rs):
+        raise ValueError(f"radius must be an integer >= 0 or a sequence of {R} of them (one per reference), "
+                         f"got {radius!r}")
+    return rs
+
+
+def local_attention_ref(query, refs, values, radius, temperature=1.0, topk=0):
     """Plain PyTorch restricted attention (the specification). See the module docstring for the math.
 
-    Queries are taken in TILE x TILE tiles; each tile's candidates are the reference positions of its halo (the tile
-    grown by `radius` on every side), gathered with `unfold`. Scores of a tile against its halo are one matrix
-    product; the window relation (|dy|, |dx| <= radius, inside the image) is an explicit boolean mask. Tile rows are
-    processed in chunks so that the scores stay under SCORE_BUDGET_BYTES.
+    Queries are taken in TILE x TILE tiles; each tile's candidates in a reference are the positions of its halo (the
+    tile grown by that reference's radius on every side), gathered with `unfold`. Scores of a tile against its halos
+    are matrix products; the window relation (|dy|, |dx| <= radius, inside the image) is an explicit boolean mask.
+    References that share a radius are gathered together. Tile rows are processed in chunks so that the scores stay
+    under SCORE_BUDGET_BYTES.
     """
-    _check(query, refs, values, radius, temperature)
+    _check(query, refs, values, radius, temperature, topk)
     B, C, H, W = query.shape
     R, K = refs.shape[1], values.shape[2]
-    S, r = TILE, radius
-    halo = S + 2 * r  # halo side
+    S = TILE
     tiles_y, tiles_x = -(-H // S), -(-W // S)
     Hp, Wp = tiles_y * S, tiles_x * S  # query map padded to whole tiles
-    pad = (r, r + Wp - W, r, r + Hp - H)  # references padded by the radius (and the tiles' padding)
-    refs_p = F.pad(refs.reshape(B * R, C, H, W), pad)
-    values_p = F.pad(values.reshape(B * R, K, H, W), pad)
-    inside_p = F.pad(query.new_ones(1, 1, H, W), pad)  # 1 where a padded position is a real pixel
     query_p = F.pad(query, (0, Wp - W, 0, Hp - H))
     query_pad = F.pad(query.new_zeros(1, 1, H, W), (0, Wp - W, 0, Hp - H), value=1.0)  # 1 on the tiles' padding
-    # near[i, j]: halo position j lies in the window of tile position i (offsets are the same for every tile)
-    offsets = torch.arange(halo, device=query.device) - r
-    near_1d = (torch.arange(S, device=query.device)[:, None] - offsets[None, :]).abs() <= r  # (S, halo)
-    near = (near_1d[:, None, :, None] & near_1d[None, :, None, :]).reshape(S * S, halo * halo)
+    by_radius = {}  # radius -> the references that have it
+    for i, r in enumerate(radii(radius, R)):
+        by_radius.setdefault(r, []).append(i)
 
-    def halos(x, channels, t0, t1):  # padded (B*R, ch, ., .) -> (B, tiles, R*halo^2, ch) for tile rows t0..t1
-        x = F.unfold(x[:, :, t0 * S:t1 * S + 2 * r], halo, stride=S).view(B, R, channels, halo * halo, -1)
-        return x.permute(0, 4, 1, 3, 2).reshape(B, -1, R * halo * halo, channels)
+    def candidates(r, index):
+        """The references `index`, all of radius r -> halos(t0, t1): for tile rows t0..t1, their keys and values
+        (B, n, len(index) * halo^2, C or K) and which of them each tile position may see (n, S^2, len(index) * halo^2)."""
+        halo, n_refs = S + 2 * r, len(index)
+        pad = (r, r + Wp - W, r, r + Hp - H)  # references padded by the radius (and the tiles' padding)
+        refs_p = F.pad(refs[:, index].reshape(B * n_refs, C, H, W), pad)
+        values_p = F.pad(values[:, index].reshape(B * n_refs, K, H, W), pad)
+        inside_p = F.pad(query.new_ones(1, 1, H, W), pad)  # 1 where a padded position is a real pixel
+        # near[i, j]: halo position j lies in the window of tile position i (offsets are the same for every tile)
+        offsets = torch.arange(halo, device=query.device) - r
+        near_1d = (torch.arange(S, device=query.device)[:, None] - offsets[None, :]).abs() <= r  # (S, halo)
+        near = (near_1d[:, None, :, None] & near_1d[None, :, None, :]).reshape(S * S, halo * halo)
 
-    bytes_per_tile_row = B * tiles_x * S * S * R * halo * halo * 4
+        def unfold(x, channels, t0, t1):  # padded (B*n_refs, ch, ., .) -> (B, tiles, n_refs*halo^2, ch)
+            x = F.unfold(x[:, :, t0 * S:t1 * S + 2 * r], halo, stride=S).view(B, n_refs, channels, halo * halo, -1)
+            return x.permute(0, 4, 1, 3, 2).reshape(B, -1, n_refs * halo * halo, channels)
+
+        def halos(t0, t1):
+            inside = F.unfold(inside_p[:, :, t0 * S:t1 * S + 2 * r], halo, stride=S)[0].T > 0  # (n, halo^2)
+            padding = F.unfold(query_pad[:, :, t0 * S:t1 * S], S, stride=S)[0].T > 0  # (n, S^2) queries off the map
+            # a query off the map (tile padding, cropped at the end) may see anything: no all -inf row, no NaN
+            valid = (near[None] & (inside[:, None, :] | padding[:, :, None])).repeat(1, 1, n_refs)
+            return unfold(refs_p, C, t0, t1), unfold(values_p, K, t0, t1), valid
+
+        return halos
+
+    groups = [candidates(r, index) for r, index in by_radius.items()]
+    n_candidates = sum(len(index) * (S + 2 * r) ** 2 for r, index in by_radius.items())
+    bytes_per_tile_row = B * tiles_x * S * S * n_candidates * 4
     rows = max(1, min(tiles_y, SCORE_BUDGET_BYTES // bytes_per_tile_row))
     out = []
     for t0 in range(0, tiles_y, rows):
         t1 = min(tiles_y, t0 + rows)
-        keys, vals = halos(refs_p, C, t0, t1), halos(values_p, K, t0, t1)  # (B, n, R*halo^2, C or K)
-        inside = F.unfold(inside_p[:, :, t0 * S:t1 * S + 2 * r], halo, stride=S)[0].T > 0  # (n, halo^2)
-        padding = F.unfold(query_pad[:, :, t0 * S:t1 * S], S, stride=S)[0].T > 0  # (n, S^2) queries off the map
-        # a query off the map (tile padding, cropped at the end) may see anything: no all -inf row, no NaN
-        valid = (near[None] & (inside[:, None, :] | padding[:, :, None])).repeat(1, 1, R)  # (n, S^2, R*halo^2)
+        keys, vals, valid = (torch.cat(parts, -2 if i < 2 else -1)
+                             for i, parts in enumerate(zip(*(halos(t0, t1) for halos in groups))))
         q = F.unfold(query_p[:, :, t0 * S:t1 * S], S, stride=S).view(B, C, S * S, -1).permute(0, 3, 2, 1)
-        scores = (q @ keys.transpose(-1, -2)) / temperature  # (B, n, S^2, R*halo^2)
+        scores = (q @ keys.transpose(-1, -2)) / temperature  # (B, n, S^2, candidates)
         scores = scores.masked_fill(~valid, float("-inf"))  # a real query always sees itself
+        if 0 < topk < scores.shape[-1]:  # keep the scores >= the k-th largest (ties kept; -inf when fewer valid)
+            kth = scores.topk(topk, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+            scores = scores.masked_fill(scores < kth, float("-inf"))
         acc_dtype = torch.promote_types(scores.dtype, torch.float32)  # softmax in fp32 (fp64 stays fp64)
         attn = torch.softmax(scores, dim=-1, dtype=acc_dtype).to(query.dtype)  # one softmax over all R refs
         o = attn @ vals  # (B, n, S^2, K)
@@ -132,7 +167,7 @@ def local_attention_ref(query, refs, values, radius, temperature=1.0):
 # - 16-bit inputs: 8x8 query tiles (64 rows: a whole warpgroup MMA on sm_90), halo chunks of 32 positions.
 # - fp32 inputs: 4x8 tiles, chunks of 16. The 3xTF32 dot keeps each operand and its TF32 head and tail in registers,
 #   and with all C = 64 channels of the queries and of a chunk of keys live at once, wider chunks or taller tiles
-#   spill on one target or the other. (Exact fp32, "ieee", compiles to an FMA loop that spills 11-19 KB per thread
+#   spill on one target or the other. Above 64 channels (model+lab's 68, padded to 128) every shape tried spills. (Exact fp32, "ieee", compiles to an FMA loop that spills 11-19 KB per thread
 #   at 8x8 tiles with chunks of 64.)
 # Short chunks waste less in the last chunk of each halo, and smaller tiles see more of their halo: BENCHMARKS.md
 # gives the fraction of computed scores that fall inside a window.
@@ -146,53 +181,108 @@ CONFIGS = {
     torch.float16: dict(TILE_H=8, TILE_W=8, BLOCK_N=32),
     torch.bfloat16: dict(TILE_H=8, TILE_W=8, BLOCK_N=32),
 }
+# fp32 inputs of more channels than this (padded to 128: model+lab's 64 + 4) spill registers on sm_90 at every tile
+# shape tried (2x8 and 4x8 tiles, 4 or 8 warps: 12-64 bytes): `local_attention` runs the reference for them on CUDA
+FUSED_FP32_MAX_CHANNELS = 64
 # ptxas' register limit per thread (.maxnreg). Without it ptxas may aim at a higher occupancy and spill a few bytes
 # at 168 registers rather than use the ~230 these kernels need; the limit lets it use all 255 before spilling.
 MAXNREG = 255
+MAX_TOPK = 64  # top-k's first pass keeps the best next_power_of_2(topk) scores of each query in registers
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _tile(H, W, radius, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
-    """This program's tile: its positions' coordinates (M,), which are inside the image, and its halo (the
-    positions within `radius` of the tile, clipped to the image) as origin, row length and size."""
+def _positions(H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """This program's tile: its positions' coordinates (M,) and which of them are inside the image."""
     n_tiles_w = tl.cdiv(W, TILE_W)
     y0 = (tl.program_id(0) // n_tiles_w) * TILE_H
     x0 = (tl.program_id(0) % n_tiles_w) * TILE_W
     m = tl.arange(0, TILE_H * TILE_W)
     ys = y0 + m // TILE_W
     xs = x0 + m % TILE_W
-    inside = (ys < H) & (xs < W)
+    return ys, xs, (ys < H) & (xs < W)
+
+
+@triton.jit
+def _halo(H, W, radius, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """The positions within `radius` of this program's tile, clipped to the image: origin, row length and size."""
+    n_tiles_w = tl.cdiv(W, TILE_W)
+    y0 = (tl.program_id(0) // n_tiles_w) * TILE_H
+    x0 = (tl.program_id(0) % n_tiles_w) * TILE_W
     hy0 = tl.maximum(y0 - radius, 0)
     hx0 = tl.maximum(x0 - radius, 0)
     halo_w = tl.minimum(x0 + TILE_W + radius, W) - hx0
     halo = (tl.minimum(y0 + TILE_H + radius, H) - hy0) * halo_w
-    return ys, xs, inside, hy0, hx0, halo_w, halo
+    return hy0, hx0, halo_w, halo
+
+
+@triton.jit
+def _kth_kernel(
+    q_ptr, k_ptr, thr_ptr, radii_ptr,
+    stride_qb, stride_qc, stride_qh, stride_qw,
+    stride_kb, stride_kr, stride_kc, stride_kh, stride_kw,
+    R, C, H, W, topk, scale_log2,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
+    C_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Top-k's first pass: the topk-th largest score (log2 units) of every query of a tile, over the windows of all
+    references; -inf when a query has fewer candidates. The best BLOCK_N scores so far stay sorted, descending; a
+    chunk sorted ascending against them, element by element, keeps the BLOCK_N largest of both (the first step of
+    a bitonic merge), which are sorted again. BLOCK_N >= topk."""
+    b = tl.program_id(1)
+    qy, qx, q_in = _positions(H, W, TILE_H, TILE_W)
+    c = tl.arange(0, C_PAD)
+    q = tl.load(q_ptr + b * stride_qb + c[None, :] * stride_qc + qy[:, None] * stride_qh + qx[:, None] * stride_qw,
+                mask=q_in[:, None] & (c[None, :] < C), other=0.0)  # (M, C_PAD)
+    best = tl.full([TILE_H * TILE_W, BLOCK_N], float("-inf"), tl.float32)  # (M, N), descending along N
+    for r in range(R):
+        radius = tl.load(radii_ptr + r)
+        hy0, hx0, halo_w, halo = _halo(H, W, radius, TILE_H, TILE_W)
+        k_base = k_ptr + b * stride_kb + r * stride_kr
+        for start in range(0, halo, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            ky = hy0 + n // halo_w
+            kx = hx0 + n % halo_w
+            k_in = n < halo
+            k_t = tl.load(k_base + c[:, None] * stride_kc + ky[None, :] * stride_kh + kx[None, :] * stride_kw,
+                          mask=(c[:, None] < C) & k_in[None, :], other=0.0)  # (C_PAD, N)
+            s = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2  # (M, N), as the forward computes it
+            valid = (k_in[None, :] & (tl.abs(ky[None, :] - qy[:, None]) <= radius)
+                     & (tl.abs(kx[None, :] - qx[:, None]) <= radius))
+            s = tl.where(valid, s, float("-inf"))
+            best = tl.sort(tl.maximum(best, tl.sort(s, 1)), 1, descending=True)
+    col = tl.arange(0, BLOCK_N)
+    kth = tl.sum(tl.where(col[None, :] == topk - 1, best, 0.0), 1)  # (M,)
+    tl.store(thr_ptr + b * H * W + qy * W + qx, kth, mask=q_in)
 
 
 @triton.jit
 def _fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, thr_ptr, radii_ptr,
     stride_qb, stride_qc, stride_qh, stride_qw,
     stride_kb, stride_kr, stride_kc, stride_kh, stride_kw,
     stride_vb, stride_vr, stride_vk, stride_vh, stride_vw,
     stride_ob, stride_ok, stride_oh, stride_ow,
-    R, C, K, H, W, radius, scale_log2,
+    R, C, K, H, W, scale_log2,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
-    C_PAD: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    C_PAD: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr, TOPK: tl.constexpr,
 ):
     b = tl.program_id(1)
-    # (M,) query coordinates; the halo holds every reference position some query of the tile can see
-    qy, qx, q_in, hy0, hx0, halo_w, halo = _tile(H, W, radius, TILE_H, TILE_W)
+    qy, qx, q_in = _positions(H, W, TILE_H, TILE_W)  # (M,) query coordinates
     c = tl.arange(0, C_PAD)
     kk = tl.arange(0, K_PAD)
     q = tl.load(q_ptr + b * stride_qb + c[None, :] * stride_qc + qy[:, None] * stride_qh + qx[:, None] * stride_qw,
                 mask=q_in[:, None] & (c[None, :] < C), other=0.0)  # (M, C_PAD)
+    if TOPK:  # only scores >= each query's topk-th largest (from _kth_kernel) take part
+        thr = tl.load(thr_ptr + b * H * W + qy * W + qx, mask=q_in, other=float("-inf"))
 
     m_i = tl.full([TILE_H * TILE_W], float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l_i = tl.zeros([TILE_H * TILE_W], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([TILE_H * TILE_W, K_PAD], tl.float32)  # running weighted sum of values
     for r in range(R):
+        # the halo holds every position of reference r that some query of the tile can see
+        radius = tl.load(radii_ptr + r)
+        hy0, hx0, halo_w, halo = _halo(H, W, radius, TILE_H, TILE_W)
         k_base = k_ptr + b * stride_kb + r * stride_kr
         v_base = v_ptr + b * stride_vb + r * stride_vr
         for start in range(0, halo, BLOCK_N):
@@ -205,6 +295,8 @@ def _fwd_kernel(
             s = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2  # (M, N)
             valid = (k_in[None, :] & (tl.abs(ky[None, :] - qy[:, None]) <= radius)
                      & (tl.abs(kx[None, :] - qx[:, None]) <= radius))
+            if TOPK:
+                valid = valid & (s >= thr[:, None])
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no candidate yet: avoid inf - inf
@@ -226,18 +318,18 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_query_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, thr_ptr, radii_ptr, dq_ptr,
     stride_qb, stride_qc, stride_qh, stride_qw,
     stride_kb, stride_kr, stride_kc, stride_kh, stride_kw,
     stride_vb, stride_vr, stride_vk, stride_vh, stride_vw,
     stride_ob, stride_ok, stride_oh, stride_ow,
-    R, C, K, H, W, radius, scale_log2, inv_temperature,
+    R, C, K, H, W, scale_log2, inv_temperature,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
-    C_PAD: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    C_PAD: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr, TOPK: tl.constexpr,
 ):
     """d(query) for one tile of queries: recompute p, then dq = sum_n p * (dO.v_n - delta) * k_n / T."""
     b = tl.program_id(1)
-    qy, qx, q_in, hy0, hx0, halo_w, halo = _tile(H, W, radius, TILE_H, TILE_W)
+    qy, qx, q_in = _positions(H, W, TILE_H, TILE_W)
     c = tl.arange(0, C_PAD)
     kk = tl.arange(0, K_PAD)
     q = tl.load(q_ptr + b * stride_qb + c[None, :] * stride_qc + qy[:, None] * stride_qh + qx[:, None] * stride_qw,
@@ -246,9 +338,13 @@ def _bwd_query_kernel(
                  mask=q_in[:, None] & (kk[None, :] < K), other=0.0)  # (M, K_PAD)
     lse = tl.load(lse_ptr + b * H * W + qy * W + qx, mask=q_in, other=0.0)
     delta = tl.load(delta_ptr + b * H * W + qy * W + qx, mask=q_in, other=0.0)
+    if TOPK:
+        thr = tl.load(thr_ptr + b * H * W + qy * W + qx, mask=q_in, other=float("-inf"))
 
     dq = tl.zeros([TILE_H * TILE_W, C_PAD], tl.float32)
     for r in range(R):
+        radius = tl.load(radii_ptr + r)
+        hy0, hx0, halo_w, halo = _halo(H, W, radius, TILE_H, TILE_W)
         k_base = k_ptr + b * stride_kb + r * stride_kr
         v_base = v_ptr + b * stride_vb + r * stride_vr
         for start in range(0, halo, BLOCK_N):
@@ -263,6 +359,8 @@ def _bwd_query_kernel(
             s = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2
             valid = (q_in[:, None] & k_in[None, :] & (tl.abs(ky[None, :] - qy[:, None]) <= radius)
                      & (tl.abs(kx[None, :] - qx[:, None]) <= radius))
+            if TOPK:
+                valid = valid & (s >= thr[:, None])
             p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)  # (M, N) attention weights
             dp = tl.dot(do, v_t, input_precision=PRECISION)  # (M, N) dL/dp
             ds = p * (dp - delta[:, None])  # (M, N) dL/d(score)
@@ -274,20 +372,22 @@ def _bwd_query_kernel(
 
 @triton.jit
 def _bwd_ref_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, thr_ptr, radii_ptr, dk_ptr, dv_ptr,
     stride_qb, stride_qc, stride_qh, stride_qw,
     stride_kb, stride_kr, stride_kc, stride_kh, stride_kw,
     stride_vb, stride_vr, stride_vk, stride_vh, stride_vw,
     stride_ob, stride_ok, stride_oh, stride_ow,
-    R, C, K, H, W, radius, scale_log2, inv_temperature,
+    R, C, K, H, W, scale_log2, inv_temperature,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
-    C_PAD: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    C_PAD: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr, TOPK: tl.constexpr,
 ):
     """d(refs) and d(values) for one tile of positions of reference r: walk the queries whose windows hold it."""
     b = tl.program_id(1) // R
     r = tl.program_id(1) % R
+    radius = tl.load(radii_ptr + r)
     # (M,) reference coordinates owned by this program; the halo holds every query that can see one of them
-    ky, kx, k_in, hy0, hx0, halo_w, halo = _tile(H, W, radius, TILE_H, TILE_W)
+    ky, kx, k_in = _positions(H, W, TILE_H, TILE_W)
+    hy0, hx0, halo_w, halo = _halo(H, W, radius, TILE_H, TILE_W)
     c = tl.arange(0, C_PAD)
     kk = tl.arange(0, K_PAD)
     k_base = k_ptr + b * stride_kb + r * stride_kr
@@ -313,6 +413,9 @@ def _bwd_ref_kernel(
         s_t = tl.dot(k, q_t, input_precision=PRECISION) * scale_log2  # (M, N) scores, transposed
         valid = (k_in[:, None] & q_in[None, :] & (tl.abs(ky[:, None] - qy[None, :]) <= radius)
                  & (tl.abs(kx[:, None] - qx[None, :]) <= radius))
+        if TOPK:
+            thr = tl.load(thr_ptr + b * H * W + qy * W + qx, mask=q_in, other=float("-inf"))
+            valid = valid & (s_t >= thr[None, :])
         p_t = tl.where(valid, tl.exp2(s_t - lse[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -342,48 +445,61 @@ def _launch_args(query, refs, values, out, radius, temperature, gpu):
                 K_PAD=max(16, triton.next_power_of_2(K)),
                 PRECISION=_precision(query.dtype, query.is_cuda if gpu is None else gpu), maxnreg=MAXNREG)
     grid = (triton.cdiv(H, meta["TILE_H"]) * triton.cdiv(W, meta["TILE_W"]), B)
-    return strides, (R, C, K, H, W, radius, LOG2E / temperature), meta, grid
+    radii_t = torch.tensor(radii(radius, R), dtype=torch.int32, device=query.device)  # each reference's radius
+    return strides, (R, C, K, H, W, LOG2E / temperature), meta, grid, radii_t
 
 
 # The launches as (kernel, grid, args, meta) tuples: the op runs them, and `kernels/compile_check.py` compiles
 # exactly what they would compile (the argument specialisation comes from the same arguments). `gpu`: compile for a
-# GPU (True) or the interpreter (False); None: where the tensors are.
-def _fwd_launches(query, refs, values, out, lse, radius, temperature, gpu=None):
-    strides, sizes, meta, grid = _launch_args(query, refs, values, out, radius, temperature, gpu)
-    return [(_fwd_kernel, grid, (query, refs, values, out, lse, *strides, *sizes), meta)]
+# GPU (True) or the interpreter (False); None: where the tensors are. `thr` (B, H, W) fp32: with top-k, the
+# threshold the first launch writes and the others read; None without top-k.
+def _fwd_launches(query, refs, values, out, lse, radius, temperature, topk=0, thr=None, gpu=None):
+    strides, sizes, meta, grid, radii_t = _launch_args(query, refs, values, out, radius, temperature, gpu)
+    launches = []
+    if topk:
+        R, C, K, H, W, scale_log2 = sizes
+        kth_meta = {k: v for k, v in meta.items() if k != "K_PAD"}
+        kth_meta["BLOCK_N"] = max(meta["BLOCK_N"], triton.next_power_of_2(topk))  # holds the topk best
+        launches.append((_kth_kernel, grid, (query, refs, thr, radii_t, *strides[:9], R, C, H, W, topk, scale_log2),
+                         kth_meta))
+    launches.append((_fwd_kernel, grid, (query, refs, values, out, lse, lse if thr is None else thr, radii_t,
+                                         *strides, *sizes), dict(meta, TOPK=bool(topk))))
+    return launches
 
 
 def _bwd_launches(query, refs, values, grad_out, lse, delta, d_query, d_refs, d_values, radius, temperature,
-                  gpu=None):
+                  thr=None, gpu=None):
     """d(query) when d_query is given; d(refs) and d(values) when d_refs and d_values are given."""
     B, R = refs.shape[:2]
-    strides, sizes, meta, grid = _launch_args(query, refs, values, grad_out, radius, temperature, gpu)
-    sizes = (*sizes, 1.0 / temperature)
+    strides, sizes, meta, grid, radii_t = _launch_args(query, refs, values, grad_out, radius, temperature, gpu)
+    sizes, meta = (*sizes, 1.0 / temperature), dict(meta, TOPK=thr is not None)
+    thr = lse if thr is None else thr  # unread without top-k
     launches = []
     if d_query is not None:
-        launches.append((_bwd_query_kernel, grid, (query, refs, values, grad_out, lse, delta, d_query,
+        launches.append((_bwd_query_kernel, grid, (query, refs, values, grad_out, lse, delta, thr, radii_t, d_query,
                                                    *strides, *sizes), meta))
     if d_refs is not None:
-        launches.append((_bwd_ref_kernel, (grid[0], B * R), (query, refs, values, grad_out, lse, delta, d_refs,
-                                                             d_values, *strides, *sizes), meta))
+        launches.append((_bwd_ref_kernel, (grid[0], B * R), (query, refs, values, grad_out, lse, delta, thr, radii_t,
+                                                             d_refs, d_values, *strides, *sizes), meta))
     return launches
 
 
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, refs, values, radius, temperature):
+    def forward(ctx, query, refs, values, radius, temperature, topk):
         B, C, H, W = query.shape
         out = torch.empty(B, values.shape[2], H, W, device=query.device, dtype=query.dtype)
         lse = torch.empty(B, H, W, device=query.device, dtype=torch.float32)
-        for kernel, grid, args, meta in _fwd_launches(query, refs, values, out, lse, radius, temperature):
+        thr = torch.empty(B, H, W, device=query.device, dtype=torch.float32) if topk else None
+        for kernel, grid, args, meta in _fwd_launches(query, refs, values, out, lse, radius, temperature, topk, thr):
             kernel[grid](*args, **meta)
-        ctx.save_for_backward(query, refs, values, out, lse)
+        ctx.save_for_backward(query, refs, values, out, lse, thr)
         ctx.radius, ctx.temperature = radius, temperature
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, refs, values, out, lse = ctx.saved_tensors
+        query, refs, values, out, lse, thr = ctx.saved_tensors
         delta = (grad_out.float() * out.float()).sum(1)  # (B, H, W): sum_k dO * O, the softmax correction
         d_query = d_refs = d_values = None
         if ctx.needs_input_grad[0]:
@@ -392,24 +508,34 @@ class _LocalAttention(torch.autograd.Function):
             d_refs = torch.empty(refs.shape, device=refs.device, dtype=refs.dtype)
             d_values = torch.empty(values.shape, device=values.device, dtype=values.dtype)
         for kernel, grid, args, meta in _bwd_launches(query, refs, values, grad_out, lse, delta, d_query, d_refs,
-                                                      d_values, ctx.radius, ctx.temperature):
+                                                      d_values, ctx.radius, ctx.temperature, thr):
             kernel[grid](*args, **meta)
-        return d_query, d_refs, d_values, None, None
+        return d_query, d_refs, d_values, None, None, None
 
 
-def local_attention_triton(query, refs, values, radius, temperature=1.0):
+def local_attention_triton(query, refs, values, radius, temperature=1.0, topk=0):
     """Fused Triton restricted attention, forward and backward; same signature and result as the reference.
 
     Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, fp32/fp16 only).
     Saved for the backward: query, refs, values, the output and a (B, H, W) fp32 log-sum-exp.
     """
-    _check(query, refs, values, radius, temperature)
-    return _LocalAttention.apply(query, refs, values, radius, float(temperature))
+    _check(query, refs, values, radius, temperature, topk)
+    R = refs.shape[1]
+    n_candidates = sum((2 * r + 1) ** 2 for r in radii(radius, R))
+    topk = 0 if topk >= n_candidates else topk  # at least every candidate: the plain softmax
+    if topk > MAX_TOPK:
+        raise ValueError(f"the fused op keeps at most the top {MAX_TOPK} candidates (topk={topk}); use fewer, or "
+                         "topk=0 for all of them")
+    return _LocalAttention.apply(query, refs, values, tuple(radii(radius, R)), float(temperature), topk)
 
 
-def local_attention(query, refs, values, radius, temperature=1.0):
-    """Restricted attention: fused Triton kernels for CUDA tensors, the plain PyTorch reference otherwise."""
+def local_attention(query, refs, values, radius, temperature=1.0, topk=0):
+    """Restricted attention: fused Triton kernels for CUDA tensors, the plain PyTorch reference otherwise (and for
+    fp32 inputs of more than FUSED_FP32_MAX_CHANNELS channels, with a warning the first time)."""
+    if query.is_cuda and query.dtype == torch.float32 and query.shape[1] > FUSED_FP32_MAX_CHANNELS:
+        warnings.warn(f"fp32 features of {query.shape[1]} channels: the fused op holds at most "
+                      f"{FUSED_FP32_MAX_CHANNELS} without spilling registers; running the PyTorch reference")
+        return local_attention_ref(query, refs, values, radius, temperature, topk)
     if query.is_cuda:
-        return local_attention_triton(query, refs, values, radius, temperature)
-    return local_attention_ref(query, refs, values, radius, temperature)
-
+        return local_attention_triton(query, refs, values, radius, temperature, topk)
+    return local_attention_ref(query, refs, values, radius, temperature, topk)

@@ -18,16 +18,22 @@ def make_inputs(B, R, C, K, H, W, dtype=torch.float32, device="cpu", seed=0):
     return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, r, v)]
 
 
-def dense_local_attention(query, refs, values, radius, temperature):
-    """A second formulation: the full (HW x R*HW) affinity, masked to the window, one softmax per row."""
+def dense_local_attention(query, refs, values, radius, temperature, topk=0):
+    """A second formulation: the full (HW x R*HW) affinity, masked to each reference's window, the top-k of each
+    row by sorting, one softmax per row. `radius`: an int or one per reference."""
     B, C, H, W = query.shape
     R = refs.shape[1]
+    radii = torch.tensor([radius] * R if isinstance(radius, int) else list(radius))
     yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     yy, xx = yy.flatten(), xx.flatten()
-    near = ((yy[:, None] - yy[None]).abs() <= radius) & ((xx[:, None] - xx[None]).abs() <= radius)  # (HW, HW)
+    dist = torch.maximum((yy[:, None] - yy[None]).abs(), (xx[:, None] - xx[None]).abs())  # (HW, HW) Chebyshev
+    near = dist[:, None, :] <= radii[None, :, None]  # (HW, R, HW)
     scores = torch.einsum("bcp,brcq->bprq", query.flatten(2), refs.flatten(3)) / temperature
-    scores = scores.masked_fill(~near[None, :, None, :], float("-inf"))
-    attn = torch.softmax(scores.flatten(2), dim=-1).view_as(scores)
+    scores = scores.masked_fill(~near[None], float("-inf")).flatten(2)  # (B, HW, R*HW)
+    if topk:
+        kth = scores.sort(-1, descending=True).values[..., min(topk, scores.shape[-1]) - 1:][..., :1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    attn = torch.softmax(scores, dim=-1).view(B, H * W, R, H * W)
     return torch.einsum("bprq,brkq->bkp", attn, values.flatten(3)).view(B, -1, H, W)
 
 
@@ -105,6 +111,52 @@ def test_reference_matches_dense_formulation(shape):
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
 
+# (B, R, C, K, H, W, radius or one per reference, temperature, topk)
+SELECTIVE = [
+    (1, 3, 4, 2, 9, 11, (4, 1, 1), 1.0, 0),  # a wider window for the first reference
+    (2, 2, 5, 3, 7, 6, (0, 2), 0.5, 0),
+    (1, 3, 4, 2, 9, 11, (4, 1, 1), 1.0, 10),  # top-10 over the candidates of all references
+    (2, 1, 3, 2, 6, 7, 2, 0.7, 1),  # top-1: a hard copy
+    (1, 2, 3, 2, 2, 3, 3, 1.0, 50),  # more k than candidates: all of them
+    (1, 2, 68, 3, 7, 10, (3, 1), 1.0, 10),  # model+lab's 68 channels: the fp32 geometry for more than 64
+]
+
+
+@pytest.mark.parametrize("shape", SELECTIVE, ids=[str(s) for s in SELECTIVE])
+def test_reference_radii_and_topk_match_dense_formulation(shape):
+    *sizes, radius, temperature, topk = shape
+    inputs = [t.detach() for t in make_inputs(*sizes, dtype=torch.float64)]
+    out = local_attention_ref(*inputs, radius, temperature, topk)
+    torch.testing.assert_close(out, dense_local_attention(*inputs, radius, temperature, topk), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("shape", SELECTIVE, ids=[str(s) for s in SELECTIVE])
+def test_triton_radii_and_topk_match_reference(shape):
+    """Per-reference radii and top-k in the fused op: output and the three gradients (top-k masks the backward
+    the same way; the selected set is fixed, so the gradient is the plain softmax's over it)."""
+    *sizes, radius, temperature, topk = shape
+    inputs = make_inputs(*sizes)
+    out_ref = local_attention_ref(*inputs, radius, temperature, topk)
+    grad_out = torch.randn_like(out_ref)
+    grads_ref = torch.autograd.grad(out_ref, inputs, grad_out)
+    out = local_attention_triton(*inputs, radius, temperature, topk)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(out, out_ref, atol=atol, rtol=rtol)
+    for name, g, g_ref in zip(("query", "refs", "values"), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=atol, rtol=rtol, msg=lambda m: f"d({name}): {m}")
+
+
+def test_topk_changes_the_result():
+    """Not a no-op: top-3 of a 5x5 window differs from the full softmax, top-1 copies one candidate's values."""
+    q, r, v = (t.detach() for t in make_inputs(1, 1, 4, 2, 6, 6, dtype=torch.float64))
+    full, top3 = local_attention_ref(q, r, v, 2), local_attention_ref(q, r, v, 2, 1.0, 3)
+    assert (full - top3).abs().max() > 1e-3
+    top1 = local_attention_ref(q, r, v, 2, 1.0, 1)
+    assert torch.isin(top1[0, 0].flatten(), v[0, 0, 0].flatten()).all()
+
+
 def test_reference_gradcheck():
     inputs = make_inputs(2, 2, 3, 2, 4, 5, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda q, r, v: local_attention_ref(q, r, v, 1, 0.8), inputs)
@@ -138,6 +190,8 @@ def _bad_arguments():
         ("do not match refs", (q, r, v[..., :4, :], 1, 1.0)),
         ("radius", (q, r, v, -1, 1.0)),
         ("radius", (q, r, v, 1.5, 1.0)),
+        ("radius", (q, r, v, (1, 2, 3), 1.0)),  # three radii for two references
+        ("radius", (q, r, v, (1, -1), 1.0)),
         ("temperature", (q, r, v, 1, 0.0)),
         ("temperature", (q, r, v, 1, -2.0)),
         ("temperature", (q, r, v, 1, float("nan"))),
@@ -201,3 +255,28 @@ def test_gpu_low_precision_within_2x_of_reference_error(dtype, shape):
 
     for err, err_ref in zip(errors(local_attention_triton), errors(local_attention_ref)):
         assert err <= 2 * err_ref + 1e-6, (err, err_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SELECTIVE[:-1], ids=[str(s) for s in SELECTIVE[:-1]])
+def test_gpu_radii_and_topk_match_reference(shape):
+    """Per-reference radii and top-k, fp32 on a GPU (3xTF32 scores: random scores are far apart at the k-th)."""
+    *sizes, radius, temperature, topk = shape
+    inputs = make_inputs(*sizes, device="cuda")
+    out_ref = local_attention_ref(*inputs, radius, temperature, topk)
+    grad_out = torch.randn_like(out_ref)
+    grads_ref = torch.autograd.grad(out_ref, inputs, grad_out)
+    out = local_attention_triton(*inputs, radius, temperature, topk)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    torch.testing.assert_close(out, out_ref, atol=1e-4, rtol=1e-4)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_wide_fp32_features_run_the_reference():
+    """model+lab's 68 fp32 channels: the fused op would spill registers, so the dispatch runs the reference."""
+    inputs = [t.detach() for t in make_inputs(1, 2, 68, 3, 30, 54, device="cuda")]
+    with pytest.warns(UserWarning, match="running the PyTorch reference"):
+        out = local_attention(*inputs, [12, 6], 1.0, 10)
+    torch.testing.assert_close(out, local_attention_ref(*inputs, [12, 6], 1.0, 10), atol=0, rtol=0)

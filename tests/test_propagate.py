@@ -106,9 +106,9 @@ def test_corrflow_protocol(clip, checkpoint, tmp_path, monkeypatch):
     assert (cfg_default.features, cfg_default.use_first, cfg_default.soft_labels) == ("lab", False, False)
     seen = []
 
-    def spy(query, refs, values, radius, temperature):
+    def spy(query, refs, values, radius, temperature, topk):
         seen.append((refs.shape[1], values, temperature))
-        return propagate.local_attention_orig(query, refs, values, radius, temperature)
+        return propagate.local_attention_orig(query, refs, values, radius, temperature, topk)
 
     monkeypatch.setattr(propagate, "local_attention_orig", propagate.local_attention, raising=False)
     monkeypatch.setattr(propagate, "local_attention", spy)
@@ -158,8 +158,8 @@ def test_scale_encodes_smaller_and_writes_full_size(shared_data, tmp_path):
     rgb = [np.array(Image.open(p)) for p in sorted(frames.glob("*.jpg"))]
     encoder = load_encoder(None, "lab", CPU)
     seen = []
-    real = encoder.embed
-    encoder.embed = lambda x: seen.append(tuple(x.shape[-2:])) or real(x)
+    real = encoder[0].embed
+    encoder[0].embed = lambda x: seen.append(tuple(x.shape[-2:])) or real(x)
     full, half = (list(propagate_masks(rgb, first, PropagationConfig(features="lab", scale=s), encoder, CPU))
                   for s in (1.0, 0.5))
     assert seen[0] == (240, 428) and seen[-1] == (120, 216)  # 213.5 -> 214, padded to 216
@@ -183,9 +183,9 @@ def test_streaming_keeps_at_most_n_plus_one_references(clip, monkeypatch):
             consumed.append(i)
             yield frame
 
-    def spy(query, refs, values, radius, temperature):
+    def spy(query, refs, values, radius, temperature, topk):
         refs_seen.append(refs.shape[1])
-        return orig(query, refs, values, radius, temperature)
+        return orig(query, refs, values, radius, temperature, topk)
 
     orig = propagate.local_attention
     monkeypatch.setattr(propagate, "local_attention", spy)
@@ -306,3 +306,57 @@ def test_full_disk_is_one_line_and_leaves_no_temporary_file(clip, tmp_path, full
     assert capsys.readouterr().err.splitlines()[-1] == (f"error: cannot write {tmp_path / 'pts' / 'points.json'}: "
                                                          "No space left on device")
     assert sorted(p.name for p in (tmp_path / "pts").iterdir()) == ["overlay.mp4"]  # complete before the points
+
+
+def test_summed_logits_of_model_and_lab():
+    """--features model+lab: one softmax over <q, k> / T (normalised model features) + -|q - k|^2 / T_lab (Lab),
+    here checked by hand on a 2x2-cell frame whose only reference is the first frame (radius covers all of it)."""
+    g = torch.Generator().manual_seed(0)
+    proj = torch.randn(5, 3, generator=g)
+    model_part = propagate.Encoder(lambda rgb: torch.einsum("dc,bchw->bdhw", proj, F_avg(rgb)), squared_distance=False)
+    lab_part = propagate.Encoder(propagate.lab_features, squared_distance=True)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(2)]
+    labels = torch.rand(1, 3, 2, 2, generator=g)
+    cfg = PropagationConfig(features="model+lab", radius=2, num_recent=0, normalize=True, temperature=0.3,
+                            lab_temperature=0.01)
+    probs = list(propagate._propagate(frames[0], iter(frames[1:]), labels, cfg, [model_part, lab_part], CPU))[1]
+
+    rgb = [propagate.to_tensor(f, CPU) for f in frames]
+    m = [torch.nn.functional.normalize(model_part.embed(x), dim=1).flatten(2)[0] for x in rgb]  # (5, 4) each
+    lab = [propagate.lab_features(x).flatten(2)[0] for x in rgb]  # (3, 4) each
+    logits = m[1].T @ m[0] / 0.3 - ((lab[1].T[:, None] - lab[0].T[None]) ** 2).sum(-1) / 0.01  # (query, key)
+    expected = (torch.softmax(logits, 1) @ labels.flatten(2)[0].T).T.reshape(1, 3, 2, 2)
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
+
+
+def F_avg(rgb):
+    return torch.nn.functional.avg_pool2d(rgb, model.STRIDE)
+
+
+def test_first_radius_topk_and_features_reach_the_op(clip, checkpoint, monkeypatch):
+    frames_dir, mask = clip
+    seen = []
+
+    def spy(query, refs, values, radius, temperature, topk):
+        seen.append((refs.shape[2], list(radius), temperature, topk))
+        return orig(query, refs, values, radius, temperature, topk)
+
+    orig = propagate.local_attention
+    monkeypatch.setattr(propagate, "local_attention", spy)
+    cfg = PropagationConfig(features="model+lab", first_radius=9, topk=7, num_recent=2, normalize=True)
+    rgb = [np.array(Image.open(p)) for p in sorted(frames_dir.glob("*.jpg"))]
+    list(propagate_masks(rgb, read_png(mask), cfg, load_encoder(checkpoint, "model+lab", CPU), CPU))
+    assert seen == [(64 + 4, [9], 1.0, 7), (68, [9, 6], 1.0, 7), (68, [9, 6, 6], 1.0, 7)]
+
+
+def test_temperature_of_lab_is_its_own_flag():
+    parser = propagate.argparse.ArgumentParser()
+    propagate.add_propagation_args(parser)
+    with pytest.raises(ValueError, match="--lab-temperature"):
+        propagate.config_from_args(parser.parse_args(["--features", "lab", "--temperature", "0.1"]))
+    cfg = propagate.config_from_args(parser.parse_args(["--features", "model+lab", "--lab-temperature", "0.002",
+                                                        "--topk", "10", "--first-radius", "12", "--normalize"]))
+    assert (cfg.lab_temperature, cfg.topk, cfg.first_radius, cfg.normalize) == (0.002, 10, 12, True)
+    with pytest.raises(ValueError, match="lab_temperature"):
+        propagate.temperatures(PropagationConfig(features="lab", temperature=0.1), load_encoder(None, "lab", CPU))
