@@ -1,4 +1,5 @@
 """evaluate.py: J and F on hand-made masks, the official figures on real DAVIS, bad inputs, PCK."""
+import csv
 import json
 import shutil
 import subprocess
@@ -292,3 +293,29 @@ def test_score_points_files(keypoints, tmp_path, capsys):
     (tmp_path / "pred" / "toy.json").write_text(json.dumps(pred))
     assert ev.main_points(tmp_path / "pred", tmp_path / "gt") == {0.1: 1.0, 0.2: 1.0}
     assert capsys.readouterr().out.splitlines()[-1] == "PCK@0.1 1.000  PCK@0.2 1.000"
+
+
+def test_grid_scores_what_davis_scores(shared_data, tmp_path):
+    """`evaluate.py grid` (frames encoded once, scored in memory) gives the J&F that `evaluate.py davis` gives from the
+    written PNGs, per setting; a bad grid file is one line."""
+    root = tmp_path / "davis"
+    for kind, ext in (("JPEGImages", "jpg"), ("Annotations", "png")):
+        (root / kind / "480p" / "blackswan").mkdir(parents=True)
+        for t in range(5):
+            shutil.copy(shared_data / "davis" / kind / "480p" / "blackswan" / f"{t:05d}.{ext}",
+                        root / kind / "480p" / "blackswan" / f"{t:05d}.{ext}")
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("blackswan\n")
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"lab": {"features": "lab", "num_recent": 1},
+                                "lab top-5": {"features": "lab", "topk": 5, "first_radius": 9}}))
+    summary = ev.cli(["grid", str(root), "--configs", str(grid), "--out", str(tmp_path / "grid.csv")])
+    assert summary["lab"]["J&F"] != summary["lab top-5"]["J&F"]
+    for name, flags in (("lab", ["--num-recent", "1"]), ("lab top-5", ["--topk", "5", "--first-radius", "9"])):
+        davis = ev.cli(["davis", str(root), "--out", str(tmp_path / name), "--features", "lab", *flags])
+        assert davis["J&F"] == pytest.approx(summary[name]["J&F"], abs=1e-12)
+    rows = list(csv.reader(open(tmp_path / "grid.csv")))
+    assert [r[0] for r in rows] == ["setting", "lab", "lab top-5"]
+    grid.write_text(json.dumps({"bad": {"features": "lab", "top_k": 5}}))
+    with pytest.raises(SystemExit):
+        ev.cli(["grid", str(root), "--configs", str(grid), "--out", str(tmp_path / "bad.csv")])
