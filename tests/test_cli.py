@@ -146,7 +146,8 @@ def flag_cases(base: list, ranges: dict, rng: random.Random) -> list:
 
 
 PROPAGATE_RANGES = {"--radius": Range(True, 0, 64), "--num-recent": Range(True, 0, 100),
-                    "--temperature": Range(False, above=0)}
+                    "--temperature": Range(False, above=0), "--first-radius": Range(True, 0, 64),
+                    "--topk": Range(True, 0, 4096), "--lab-temperature": Range(False, above=0)}
 
 
 @pytest.fixture
