@@ -371,10 +371,11 @@ def bench_propagate(device, quick, davis, checkpoint) -> list:
     else:
         encoders = {"model (random init)": [Encoder(CorrFlow().eval().to(device), squared_distance=False)]}
     encoders["lab"] = load_encoder(None, "lab", device)
+    encoders["model+lab"] = next(iter(encoders.values())) + encoders["lab"]  # the default: one softmax over both
     ops = ("ref", "fused") if cuda else ("ref",)
     rows = []
     for name, encoder in encoders.items():
-        cfg = PropagationConfig(features="lab" if name == "lab" else "model")  # first + 3 recent, radius 6
+        cfg = PropagationConfig(features=name if name in ("lab", "model+lab") else "model")  # the default settings
 
         def run(frames):  # ms; every frame's result ends in .cpu(), a sync point
             t = time.perf_counter()
@@ -391,7 +392,9 @@ def bench_propagate(device, quick, davis, checkpoint) -> list:
             per_frame[op] = statistics.median(times) / n
             mems.append(mem)
         cell = {op: f"{fmt_ms(ms)}/frame = {1e3 / ms:.1f} frames/s" for op, ms in per_frame.items()}
-        rows.append(Row("propagate", f"{source}: {name} features, first + 3 recent, radius {cfg.radius}", "fp32",
+        rows.append(Row("propagate", f"{source}: {name} features, top {cfg.topk} of first + 3 recent, radius "
+                        f"{cfg.radius}" + (" (fused: the reference, 68 fp32 channels)" if name == "model+lab" else ""),
+                        "fp32",
                         cell["ref"], cell.get("fused", "n/a (needs CUDA)"),
                         f"{per_frame['ref'] / per_frame['fused']:.2f}x" if cuda else "-",
                         fmt_mem(mems + [None] * (not cuda)), "each frame encoded once, then copied; decoding excluded"))

@@ -11,7 +11,8 @@ candidates of each position: a (2 * radius + 1)^2 window of every reference (the
 the top-k of them by score (`kernels.local_attention`). Only the references are kept, so memory does not grow with
 the video's length. The logits are <q, k> / T of the model's features (raw, or L2-normalised), -|q - k|^2 / T of
 Lab colour, or the sum of the two (`model+lab`). `--protocol corrflow` is the paper's protocol (previous frame only,
-its hard argmax fed back, radius 6, raw dot products); the default is the best setting measured on DAVIS (README).
+its hard argmax fed back, radius 6, raw dot products); the default is the best setting measured on DAVIS (README):
+model+lab, normalised model features at temperature 0.05, top 10 of the first + 3 recent frames' candidates.
 Outputs: one palette PNG per frame (00000.png ..., first frame included) or points.json, and an overlay video.
 """
 import argparse
@@ -43,12 +44,12 @@ POINT_TOPK = 5  # a point's location: probability-weighted mean of its 5 most pr
 
 @dataclass
 class PropagationConfig:
-    features: str = "model"  # "model": CorrFlow encoder from a checkpoint; "lab": raw Lab colour, no learning; "model+lab": one softmax over the sum of both logits
+    features: str = "model+lab"  # "model": CorrFlow encoder from a checkpoint; "lab": raw Lab colour, no learning; "model+lab": one softmax over the sum of both logits
     radius: int = 6  # window radius at stride 4: (2r+1)^2 = 13x13 candidates per reference (CorrFlow: 6)
     first_radius: Optional[int] = None  # the first frame's window radius; None: `radius`
-    topk: int = 0  # > 0: the softmax runs over the k best-scoring candidates of all references only; 0: all of them
+    topk: int = 10  # > 0: the softmax runs over the k best-scoring candidates of all references only; 0: all of them
     temperature: Optional[float] = None  # the model features' softmax temperature; None: 1.0 (raw), NORMALIZED_TEMPERATURE (normalised)
-    normalize: bool = False  # L2-normalise the model's features, so that logits are cosines / temperature
+    normalize: bool = True  # L2-normalise the model's features, so that logits are cosines / temperature (CorrFlow: no)
     lab_temperature: Optional[float] = None  # Lab colour's temperature of the squared distances; None: LAB_TEMPERATURE
     use_first: bool = True  # the first frame and its true labels stay a reference throughout (CorrFlow: no)
     num_recent: int = 3  # N most recent frames, with their predicted labels, as references (CorrFlow: 1)
@@ -57,12 +58,14 @@ class PropagationConfig:
 
 
 PROTOCOLS = {
-    # first + 3 recent frames, soft labels: the best measured on DAVIS (README): J&F 0.584 with the shipped checkpoint
-    # (the corrflow protocol: 0.535); with Lab colour 0.578
-    "default": dict(radius=6, use_first=True, num_recent=3, soft_labels=True),
-    # Lai & Xie 2019: previous frame only, its hard argmax, radius 6, raw dot products (temperature 1), all candidates
-    "corrflow": dict(radius=6, first_radius=None, topk=0, use_first=False, num_recent=1, soft_labels=False,
-                     normalize=False),
+    # the best measured on DAVIS (README, chosen on half A): the model's normalised features plus Lab colour, top 10 of
+    # the first + 3 recent frames' candidates, soft labels; J&F A 0.632 / B 0.676 with the shipped checkpoint
+    "default": dict(features="model+lab", radius=6, first_radius=None, topk=10, use_first=True, num_recent=3,
+                    soft_labels=True, normalize=True),
+    # Lai & Xie 2019: the model's features, raw dot products (temperature 1), previous frame only, its hard argmax,
+    # radius 6, all candidates
+    "corrflow": dict(features="model", radius=6, first_radius=None, topk=0, use_first=False, num_recent=1,
+                     soft_labels=False, normalize=False),
 }
 
 
@@ -495,21 +498,22 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
 def add_propagation_args(parser: argparse.ArgumentParser) -> None:
     """Propagation options: --protocol picks a preset; the other flags, when given, override it."""
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="default",
-                        help="default: first + 3 recent frames, soft labels; corrflow: the paper's (previous frame, "
-                             "hard labels, radius 6)")
-    parser.add_argument("--features", choices=FEATURES, default="model",
+                        help="default: model+lab features, top 10 of the first + 3 recent frames' candidates, soft "
+                             "labels; corrflow: the paper's (model features, previous frame, hard labels, radius 6)")
+    parser.add_argument("--features", choices=FEATURES,
                         help="model: the CorrFlow encoder; lab: raw Lab colour, no learning; model+lab: one softmax "
-                             "over the sum of both logits")
+                             "over the sum of both logits (preset: model+lab; corrflow: model)")
     parser.add_argument("--radius", type=cmdline.integer(0, 64),
                         help="attention window radius at stride 4, 0..64 (preset: 6)")
     parser.add_argument("--first-radius", type=cmdline.integer(0, 64),
                         help="the first frame's window radius, 0..64 (preset: --radius)")
     parser.add_argument("--topk", type=cmdline.integer(0, 4096),
-                        help="softmax over the k best-scoring candidates of all references only; 0: all (preset: 0)")
+                        help="softmax over the k best-scoring candidates of all references only; 0: all (preset: 10; "
+                             "corrflow: 0)")
     parser.add_argument("--num-recent", type=cmdline.integer(0, 100),
                         help="number of recent frames used as references, 0..100 (preset: 3)")
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                        help="L2-normalise the model's features (preset: no)")
+                        help="L2-normalise the model's features (preset: yes; corrflow: no)")
     parser.add_argument("--temperature", type=cmdline.real(above=0),
                         help=f"the model features' softmax temperature, > 0 (raw: 1.0, normalised: "
                              f"{NORMALIZED_TEMPERATURE})")
@@ -525,14 +529,16 @@ def add_propagation_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> PropagationConfig:
     """The protocol's preset, then every explicitly given flag on top of it."""
-    cfg = PropagationConfig(features=args.features, **PROTOCOLS[args.protocol])
-    for field, value in (("radius", args.radius), ("first_radius", args.first_radius), ("topk", args.topk),
+    cfg = PropagationConfig(**PROTOCOLS[args.protocol])
+    for field, value in (("features", args.features), ("radius", args.radius), ("first_radius", args.first_radius), ("topk", args.topk),
                          ("num_recent", args.num_recent), ("normalize", args.normalize),
                          ("temperature", args.temperature), ("lab_temperature", args.lab_temperature),
                          ("scale", args.scale)):
         if value is not None:
             cfg = replace(cfg, **{field: value})
     cfg = replace(cfg, use_first=False) if args.no_first else cfg
+    if cfg.features == "lab":
+        cfg = replace(cfg, normalize=False)  # the model's option: raw colour has nothing to normalise
     if cfg.features == "lab" and (cfg.temperature is not None or args.normalize):
         raise ValueError("--temperature and --normalize are the model features'; with --features lab use "
                          "--lab-temperature")
