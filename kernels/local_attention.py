@@ -18,7 +18,8 @@ Two implementations with the same signature:
   references' positions around it, masked to each query's window; memory bounded by processing tile rows in
   chunks (about 0.8 GB peak for 480p, 4 references, radius 12).
 - `local_attention_triton`: fused Triton kernels (forward and backward), see the header of the Triton part below.
-`local_attention` dispatches: the Triton path for CUDA tensors, the reference otherwise.
+`local_attention` dispatches: the Triton path for CUDA tensors (except fp32 inputs of more than 64 channels, which
+spill registers: the reference, with a warning), the reference otherwise.
 """
 import math
 import warnings
@@ -144,7 +145,8 @@ def local_attention_ref(query, refs, values, radius, temperature=1.0, topk=0):
 # --------------------------------------------------------------------------------------------------------------
 # Fused Triton path.
 #
-# Supported: any B, C, K, R, H, W >= 1 and radius >= 0; fp32, fp16 and bf16 inputs (all three the same dtype),
+# Supported: any B, C, K, R, H, W >= 1, one radius >= 0 per reference, top-k up to MAX_TOPK (a first pass,
+# `_kth_kernel`, finds each query's k-th score; the other kernels mask below it); fp32, fp16 and bf16 inputs (all three the same dtype),
 # arbitrary strides (no copies are made). Scores, softmax statistics and sums accumulate in fp32. fp32 inputs use
 # 3xTF32 products on a GPU (input_precision="tf32x3": each operand split into a TF32 head and tail, three
 # tensor-core products; close to fp32, see `_precision`) and exact fp32 in the CPU interpreter. Gradients for query,
