@@ -216,6 +216,15 @@ def report_davis(results: dict, csv_path: Path) -> dict[str, float]:
     return summary
 
 
+def sequence_frames(root: Path, seq: str) -> list[Path]:
+    """The JPEG frames of a DAVIS sequence, in order; ValueError naming the folder when there are none."""
+    folder = Path(root) / "JPEGImages" / "480p" / seq
+    frame_paths = sorted(folder.glob("*.jpg"))
+    if not frame_paths:
+        raise ValueError(f"no frames in {folder}")
+    return frame_paths
+
+
 def propagate_davis(root: Path, out_dir: Path, sequences: list[str], args: argparse.Namespace) -> None:
     """Propagate each sequence's first annotation with propagate.py and write out_dir/<seq>/%05d.png."""
     import imageio.v3 as iio
@@ -232,9 +241,7 @@ def propagate_davis(root: Path, out_dir: Path, sequences: list[str], args: argpa
         raise ValueError(f"{out_dir} already holds predictions ({', '.join(done)}); pass --overwrite to replace them, "
                          "or --predictions to score them")
     for seq in sequences:
-        frame_paths = sorted((Path(root) / "JPEGImages" / "480p" / seq).glob("*.jpg"))
-        if not frame_paths:
-            raise ValueError(f"no frames in {Path(root) / 'JPEGImages' / '480p' / seq}")
+        frame_paths = sequence_frames(root, seq)
         frames = (iio.imread(p) for p in frame_paths)  # (H, W, 3) uint8 RGB each, read as propagation streams
         first_path = Path(root) / "Annotations" / "480p" / seq / f"{frame_paths[0].stem}.png"
         with Image.open(first_path) as first:
@@ -390,9 +397,7 @@ def run_grid(root: Path, configs: dict, sequences: list[str], checkpoint, device
     n_frames = 0
     gt_root = Path(root) / "Annotations" / "480p"
     for seq in sequences:
-        frame_paths = sorted((Path(root) / "JPEGImages" / "480p" / seq).glob("*.jpg"))
-        if not frame_paths:
-            raise ValueError(f"no frames in {Path(root) / 'JPEGImages' / '480p' / seq}")
+        frame_paths = sequence_frames(root, seq)
         frames = [iio.imread(p) for p in frame_paths]
         gts = [read_annotation(gt_root / seq / f"{p.stem}.png") for p in frame_paths]
         gt_points = Path(keypoints) / f"{seq}.json" if keypoints else None
@@ -406,11 +411,8 @@ def run_grid(root: Path, configs: dict, sequences: list[str], checkpoint, device
             if gt_points is not None and gt_points.is_file():
                 _, start, xy, visible = propagate.read_points(gt_points)
                 tracks = propagate.propagate_points(frames[start:], xy[visible], cfg, encoders, dev)
-                pred = {"frames": list(range(start, len(frames))), "xy": []}
-                for track in tracks:
-                    full = np.full((len(xy), 2), np.nan)
-                    full[visible] = track
-                    pred["xy"].append([None if np.isnan(p[0]) else list(p) for p in full])
+                pred = {"frames": list(range(start, len(frames))),
+                        "xy": [propagate.json_points(propagate.all_joints(t, visible)) for t in tracks]}
                 points[name][seq] = {a: pck_counts(pred, read_json(gt_points), a) for a in (0.1, 0.2)}
         for encoder in cached.values():
             encoder.embed.cache.clear()

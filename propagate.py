@@ -349,6 +349,19 @@ def read_points(path: Path) -> tuple[str, int, np.ndarray, np.ndarray]:
     return str(gt.get("sequence", Path(path).stem)), start, xy, visible
 
 
+def all_joints(tracked: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """The tracked points (J', 2) of the joints visible in the first labelled frame -> (J, 2) for every joint, nan for
+    the untracked ones."""
+    full = np.full((len(visible), 2), np.nan)
+    full[visible] = tracked
+    return full
+
+
+def json_points(full: np.ndarray) -> list:
+    """(J, 2) points -> the points JSON's row: [x, y] rounded to 0.01 px, null where untracked (nan)."""
+    return [None if np.isnan(p[0]) else [round(float(p[0]), 2), round(float(p[1]), 2)] for p in full]
+
+
 def check_points_inside(path: Path, xy: np.ndarray, visible: np.ndarray, W: int, H: int) -> None:
     """Visible points must lie in the W x H frame: a point outside has no features to follow, and would give a
     track that means nothing."""
@@ -476,10 +489,8 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
     with video_out as write_overlay:
         for i, (result, frame) in enumerate(tqdm(zip(results, shown), total=total, unit="frame", desc=stem)):
             if points_mode:
-                full = np.full((len(xy), 2), np.nan)
-                full[visible] = result
-                tracks.append([None if np.isnan(p[0]) else [round(float(p[0]), 2), round(float(p[1]), 2)]
-                               for p in full])
+                full = all_joints(result, visible)
+                tracks.append(json_points(full))
                 shown_frame = draw_points(frame, full, palette)
             else:
                 save_png(result, palette, out / f"{i:05d}.png")

@@ -302,10 +302,10 @@ def work_table(sizes=((64, 64), (120, 214), (120, 216)), radii=(6, 12)) -> str:
     columns = " | ".join(f"{h}x{w} r={r}" for h, w in sizes for r in radii)
     lines = [f"| kernels | dtype | tile, chunk | {columns} |",
              "|---|---|---|" + "---|" * (len(sizes) * len(radii))]
-    geometries = [(_dtype_name(d), CONFIGS[d]) for d in (torch.float32, torch.bfloat16, torch.float16)]
-    for name, cfg in geometries:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        cfg = CONFIGS[dtype]
         fractions = [useful_fraction(h, w, r, **cfg) for h, w in sizes for r in radii]
-        lines.append(f"| fwd, bwd_query, bwd_ref | {name} "
+        lines.append(f"| fwd, bwd_query, bwd_ref | {_dtype_name(dtype)} "
                      f"| {cfg['TILE_H']}x{cfg['TILE_W']}, {cfg['BLOCK_N']} | "
                      + " | ".join(f"{f:.1%}" for f in fractions) + " |")
     return "\n".join(lines)

@@ -219,6 +219,25 @@ def _halo(H, W, radius, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
 
 
 @triton.jit
+def _chunk_scores(q, k_base, stride_kc, stride_kh, stride_kw, c, C, qy, qx, radius, hy0, hx0, halo_w, halo, start,
+                  scale_log2, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """BLOCK_N halo positions of one reference from `start`, against the tile's queries q (M, C_PAD): their
+    coordinates (N,) (inside the image where k_in), their keys (C_PAD, N), the scores (M, N) in log2 units and
+    which of those lie in each query's window. Top-k's first pass and the forward compute their scores here, so
+    identically (`_bwd_query_kernel` spells it out, to order its loads)."""
+    n = start + tl.arange(0, BLOCK_N)
+    ky = hy0 + n // halo_w
+    kx = hx0 + n % halo_w
+    k_in = n < halo
+    k_t = tl.load(k_base + c[:, None] * stride_kc + ky[None, :] * stride_kh + kx[None, :] * stride_kw,
+                  mask=(c[:, None] < C) & k_in[None, :], other=0.0)  # (C_PAD, N)
+    s = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2  # (M, N)
+    valid = (k_in[None, :] & (tl.abs(ky[None, :] - qy[:, None]) <= radius)
+             & (tl.abs(kx[None, :] - qx[:, None]) <= radius))
+    return ky, kx, k_in, k_t, s, valid
+
+
+@triton.jit
 def _kth_kernel(
     q_ptr, k_ptr, thr_ptr, radii_ptr,
     stride_qb, stride_qc, stride_qh, stride_qw,
@@ -242,15 +261,9 @@ def _kth_kernel(
         hy0, hx0, halo_w, halo = _halo(H, W, radius, TILE_H, TILE_W)
         k_base = k_ptr + b * stride_kb + r * stride_kr
         for start in range(0, halo, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            ky = hy0 + n // halo_w
-            kx = hx0 + n % halo_w
-            k_in = n < halo
-            k_t = tl.load(k_base + c[:, None] * stride_kc + ky[None, :] * stride_kh + kx[None, :] * stride_kw,
-                          mask=(c[:, None] < C) & k_in[None, :], other=0.0)  # (C_PAD, N)
-            s = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2  # (M, N), as the forward computes it
-            valid = (k_in[None, :] & (tl.abs(ky[None, :] - qy[:, None]) <= radius)
-                     & (tl.abs(kx[None, :] - qx[:, None]) <= radius))
+            ky, kx, k_in, k_t, s, valid = _chunk_scores(q, k_base, stride_kc, stride_kh, stride_kw, c, C, qy, qx,
+                                                        radius, hy0, hx0, halo_w, halo, start, scale_log2, BLOCK_N,
+                                                        PRECISION)
             s = tl.where(valid, s, float("-inf"))
             best = tl.sort(tl.maximum(best, tl.sort(s, 1)), 1, descending=True)
     col = tl.arange(0, BLOCK_N)
@@ -288,15 +301,9 @@ def _fwd_kernel(
         k_base = k_ptr + b * stride_kb + r * stride_kr
         v_base = v_ptr + b * stride_vb + r * stride_vr
         for start in range(0, halo, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            ky = hy0 + n // halo_w  # (N,) reference coordinates, inside the image when n < halo
-            kx = hx0 + n % halo_w
-            k_in = n < halo
-            k_t = tl.load(k_base + c[:, None] * stride_kc + ky[None, :] * stride_kh + kx[None, :] * stride_kw,
-                          mask=(c[:, None] < C) & k_in[None, :], other=0.0)  # (C_PAD, N)
-            s = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2  # (M, N)
-            valid = (k_in[None, :] & (tl.abs(ky[None, :] - qy[:, None]) <= radius)
-                     & (tl.abs(kx[None, :] - qx[:, None]) <= radius))
+            ky, kx, k_in, k_t, s, valid = _chunk_scores(q, k_base, stride_kc, stride_kh, stride_kw, c, C, qy, qx,
+                                                        radius, hy0, hx0, halo_w, halo, start, scale_log2, BLOCK_N,
+                                                        PRECISION)
             if TOPK:
                 valid = valid & (s >= thr[:, None])
             s = tl.where(valid, s, float("-inf"))
@@ -350,6 +357,7 @@ def _bwd_query_kernel(
         k_base = k_ptr + b * stride_kb + r * stride_kr
         v_base = v_ptr + b * stride_vb + r * stride_vr
         for start in range(0, halo, BLOCK_N):
+            # as _chunk_scores, with the values' load before the dot: in that order no fp32 launch spills
             n = start + tl.arange(0, BLOCK_N)
             ky = hy0 + n // halo_w
             kx = hx0 + n % halo_w
