@@ -523,13 +523,33 @@ class _LocalAttention(torch.autograd.Function):
         return d_query, d_refs, d_values, None, None, None
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis: B for the forward, B * R for d(refs)
+
+
+def _check_launch_limits(query, refs, values):
+    """The kernels index with 32-bit offsets and put the batch (times R for d(refs)) on the grid's second axis:
+    refuse, in one line, inputs past either limit instead of reading wrapped addresses or failing to launch. The
+    outputs and gradients are contiguous and no larger than the inputs, so checking the inputs covers them."""
+    B, R = refs.shape[:2]
+    for name, t in (("query", query), ("refs", refs), ("values", values)):
+        span = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + 1  # elements an offset can reach
+        if max(span, t.numel()) >= 2**31:
+            raise ValueError(f"the fused op indexes with 32-bit offsets: {name} {tuple(t.shape)} spans {span:,} "
+                             "elements (at most 2^31 - 1); split the batch or the references into several calls")
+    if B * R > MAX_GRID_Y:
+        raise ValueError(f"the fused op launches B x R = {B} x {R} = {B * R} programs on the grid's second axis "
+                         f"(at most {MAX_GRID_Y}); split the batch into several calls")
+
+
 def local_attention_triton(query, refs, values, radius, temperature=1.0, topk=0):
     """Fused Triton restricted attention, forward and backward; same signature and result as the reference.
 
     Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, fp32/fp16 only).
-    Saved for the backward: query, refs, values, the output and a (B, H, W) fp32 log-sum-exp.
+    Saved for the backward: query, refs, values, the output and a (B, H, W) fp32 log-sum-exp. Offsets are 32-bit and
+    the batch (times R) is a grid axis: inputs of 2^31 elements or more, or B x R above 65535, raise ValueError.
     """
     _check(query, refs, values, radius, temperature, topk)
+    _check_launch_limits(query, refs, values)
     R = refs.shape[1]
     n_candidates = sum((2 * r + 1) ** 2 for r in radii(radius, R))
     topk = 0 if topk >= n_candidates else topk  # at least every candidate: the plain softmax

@@ -209,6 +209,26 @@ def test_bad_arguments_raise_value_error(fn):
         assert "\n" not in str(info.value)
 
 
+def test_fused_op_refuses_inputs_past_its_launch_limits():
+    # meta tensors: shapes without memory, so that 2^31-element inputs cost nothing; the check runs before a launch
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    cases = [  # 101 references of 64 channels at 540x960 (a 4K frame at stride 4) pass 2^31 elements
+        ("32-bit offsets: refs", (meta(1, 64, 540, 960), meta(1, 101, 64, 540, 960), meta(1, 101, 16, 540, 960))),
+        ("32-bit offsets: values", (meta(1, 8, 4, 4), meta(1, 1, 8, 4, 4), meta(1, 1, 2**27, 4, 4))),
+        ("grid's second axis", (meta(1000, 8, 4, 4), meta(1000, 66, 8, 4, 4), meta(1000, 66, 2, 4, 4))),
+    ]
+    for match, args in cases:
+        with pytest.raises(ValueError, match=match) as info:
+            local_attention_triton(*args, 1)
+        assert "\n" not in str(info.value)
+    # a view whose strides reach past 2^31 elements although it holds few
+    wide = torch.empty(2, 1, device="meta").as_strided((2, 1, 1, 1), (2**31, 1, 1, 1))
+    with pytest.raises(ValueError, match="32-bit offsets: query"):
+        local_attention_triton(wide, meta(2, 1, 1, 1, 1), meta(2, 1, 1, 1, 1), 1)
+
+
 # ---------------------------------------------------------------------------------------------- GPU only
 
 
