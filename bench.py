@@ -53,6 +53,26 @@ class Row:
     details: str = ""
 
 
+def error_row(part: str, case: str, dtype: str, e: Exception) -> Row:
+    """A case that raised, as a row of the table: its error in one line."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return Row(part, case, dtype, "error", "error", details=f"{type(e).__name__}: {first}")
+
+
+def guarded(part: str, case: str, dtype: str, make_rows) -> list:
+    """make_rows() -> its rows, each printed as it comes; a case that raises becomes one row saying so, and the cases
+    after it still run."""
+    try:
+        rows = make_rows()
+    except Exception as e:  # noqa: BLE001 - whatever failed, the table records it and the benchmark goes on
+        rows = [error_row(part, case, dtype, e)]
+    for row in rows:
+        log(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Timing and memory
 
@@ -180,39 +200,44 @@ def measure_kernel(op, case: dict, B: int, dtype, device, reps: int):
     return ms, mem, n_in * q.element_size(), floor
 
 
-def bench_kernel(device, dtypes, quick) -> list:
-    """Floor bytes: forward, every input read once and the output written once; fwd+bwd adds the backward's reads of
+def kernel_row(case: dict, dtype_name: str, device, reps: int, quick: bool, bandwidth: float) -> Row:
+    """One kernel case: the reference, and on CUDA the fused op, timed on the same random inputs."""
+    cuda = device.type == "cuda"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    B, note = case["B"], ""
+    if not cuda and case["backward"]:  # seconds per run at B=48 on a CPU: keep the case under a minute
+        probe_ms = measure_kernel(local_attention_ref, case, 6, dtype, device, reps=1)[0]
+        while B > 6 and (quick or probe_ms * B / 6 * (reps + 1) > 60e3):
+            B //= 2
+        if B != case["B"]:
+            note = f"B={B}, not {case['B']}, on CPU ({probe_ms * case['B'] / 6e3:.0f} s per run at {case['B']}); "
+    ref_ms, ref_mem, in_bytes, floor = measure_kernel(local_attention_ref, case, B, dtype, device, reps)
+    fused_ms, fused_mem = None, None
+    if cuda:
+        fused_ms, fused_mem, _, _ = measure_kernel(model_module.local_attention, case, B, dtype, device, reps)
+    floor_ms = floor / bandwidth * 1e3
+    details = (f"{note}inputs {in_bytes / MiB:,.0f} MiB; floor {floor / 1e6:,.1f} MB at {bandwidth / 1e9:,.0f} "
+               f"GB/s copy = {fmt_ms(floor_ms)}; fraction of floor: " + ", ".join(
+                   f"{name} {floor_ms / ms:.1%}" for name, ms in (("ref", ref_ms), ("fused", fused_ms)) if ms))
+    sizes = (f"B={B} C={case['C']} {case['H']}x{case['W']} R={case['R']} K={case['K']} radius {case['radius']}, "
+             + ("fwd+bwd" if case["backward"] else "fwd"))
+    return Row("kernel", f"{case['name']}: {sizes}", dtype_name, fmt_ms(ref_ms) if ref_ms else "OOM",
+               (fmt_ms(fused_ms) if fused_ms else "OOM") if cuda else "n/a (needs CUDA)",
+               f"{ref_ms / fused_ms:.1f}x" if ref_ms and fused_ms else "-", fmt_mem([ref_mem, fused_mem]), details)
+
+
+def bench_kernel(device, dtypes, quick):
+    """The op alone on each of KERNEL_CASES: yields a row per case and dtype, as it is measured.
+
+    Floor bytes: forward, every input read once and the output written once; fwd+bwd adds the backward's reads of
     the inputs, the output and the upstream gradient and its writes of the three gradients: 3 x (inputs + output).
     The (B, H, W) fp32 log-sum-exp and softmax correction are not counted. Floor time = bytes / copy bandwidth."""
     cuda = device.type == "cuda"
     bandwidth = copy_bandwidth(device)
     reps = 1 if quick else 3
-    rows = []
     for case, dtype_name in itertools.product(KERNEL_CASES, dtypes if cuda else ["fp32"]):  # CPU: the fp32 ref
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-        B, note = case["B"], ""
-        if not cuda and case["backward"]:  # seconds per run at B=48 on a CPU: keep the case under a minute
-            probe_ms = measure_kernel(local_attention_ref, case, 6, dtype, device, reps=1)[0]
-            while B > 6 and (quick or probe_ms * B / 6 * (reps + 1) > 60e3):
-                B //= 2
-            if B != case["B"]:
-                note = f"B={B}, not {case['B']}, on CPU ({probe_ms * case['B'] / 6e3:.0f} s per run at {case['B']}); "
-        ref_ms, ref_mem, in_bytes, floor = measure_kernel(local_attention_ref, case, B, dtype, device, reps)
-        fused_ms, fused_mem = None, None
-        if cuda:
-            fused_ms, fused_mem, _, _ = measure_kernel(model_module.local_attention, case, B, dtype, device, reps)
-        floor_ms = floor / bandwidth * 1e3
-        details = (f"{note}inputs {in_bytes / MiB:,.0f} MiB; floor {floor / 1e6:,.1f} MB at {bandwidth / 1e9:,.0f} "
-                   f"GB/s copy = {fmt_ms(floor_ms)}; fraction of floor: " + ", ".join(
-                       f"{name} {floor_ms / ms:.1%}" for name, ms in (("ref", ref_ms), ("fused", fused_ms)) if ms))
-        sizes = (f"B={B} C={case['C']} {case['H']}x{case['W']} R={case['R']} K={case['K']} radius {case['radius']}, "
-                 + ("fwd+bwd" if case["backward"] else "fwd"))
-        rows.append(Row("kernel", f"{case['name']}: {sizes}", dtype_name, fmt_ms(ref_ms) if ref_ms else "OOM",
-                        (fmt_ms(fused_ms) if fused_ms else "OOM") if cuda else "n/a (needs CUDA)",
-                        f"{ref_ms / fused_ms:.1f}x" if ref_ms and fused_ms else "-",
-                        fmt_mem([ref_mem, fused_mem]), details))
-        log(rows[-1])
-    return rows
+        yield from guarded("kernel", case["name"], dtype_name,
+                        lambda: [kernel_row(case, dtype_name, device, reps, quick, bandwidth)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,68 +315,114 @@ def encoder_ms(model, n_frames, size, device, bf16) -> float:
     return ms
 
 
-def bench_train(device, dtypes, quick, data, workers) -> list:
+def train_rows(B, size, dtype, batch, loader_ms, source, centroids, cfg, device, workers, reps, warmup,
+               compare_encoding: bool) -> list:
+    """One training-step case, the reference op and (on CUDA) the fused op; with compare_encoding also the cost of
+    re-encoding frames at every copy, as the original code does."""
+    cuda = device.type == "cuda"
+    ops = ("ref", "fused") if cuda else ("ref",)
+    bf16 = dtype == "bf16"
+    torch.manual_seed(0)
+    net = CorrFlow(cfg.model).to(device).train()
+    net = net.to(memory_format=torch.channels_last) if bf16 else net  # as train.py does on GPU
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    result = {}  # op -> (median ms per section over `reps` steps after `warmup`, memory of the first timed)
+    for op in ops:
+        with attention_op(op == "fused"):
+            for i in range(warmup):
+                train_step(net, optimizer, batch, centroids, cfg, device, bf16, i)
+            with peak_memory(device) as mem:
+                steps = [train_step(net, optimizer, batch, centroids, cfg, device, bf16, warmup)]
+            steps += [train_step(net, optimizer, batch, centroids, cfg, device, bf16, warmup + i)
+                      for i in range(1, reps)]
+        result[op] = {name: statistics.median(s[name] for s in steps) for name in steps[0]}, mem
+    total = {op: sum(times.values()) for op, (times, _) in result.items()}
+    keeps_up = loader_ms is not None and loader_ms <= min(total.values())
+    details = (f"data: loader {loader_ms:.0f} ms/batch, num_workers={workers} (overlaps the step), keeps up: "
+               f"{'yes' if keeps_up else 'no'}" if loader_ms else f"data: {source}")
+    details += "; ms prep/encoder/copy/loss/bwd+opt: " + ", ".join(
+        f"{op} " + "/".join(f"{t:.0f}" if t >= 10 else f"{t:.1f}" for t in times.values())
+        for op, (times, _) in result.items())
+    cell = {op: f"{fmt_ms(t)} = {B / t * 1e3:.1f} clips/s" for op, t in total.items()}
+    rows = [Row("train", f"step, batch {B}, {size}x{size}", "bf16 autocast + channels_last" if bf16 else "fp32",
+                cell["ref"], cell.get("fused", "n/a (needs CUDA)"),
+                f"{total['ref'] / total['fused']:.2f}x" if cuda else "-",
+                fmt_mem([result[op][1] for op in ops] + [None] * (not cuda)), details)]
+    if compare_encoding:
+        # the original CorrFlow code re-encodes frames at every copy: 16 encoder passes per clip, not 3
+        once, again = (encoder_ms(net, n * B, size, device, bf16) for n in (3, 16))
+        step = total[ops[-1]]
+        rows.append(Row("train", f"encode each frame once vs at every copy, batch {B}, {size}x{size}", rows[0].dtype,
+                        details=(f"{ops[-1]} op; encoder fwd+bwd {fmt_ms(once)} on 3 frames/clip, "
+                                 f"{fmt_ms(again)} on 16: iteration {fmt_ms(step)} vs "
+                                 f"{fmt_ms(step - once + again)}, {(step - once + again) / step:.2f}x the cost")))
+    return rows
+
+
+def bench_train(device, dtypes, quick, data, workers):
+    """One training iteration per batch shape and dtype, train.py's loader timed beside it: yields rows."""
     cuda = device.type == "cuda"
     if cuda:  # (clips per step, frame size); (warm-up steps, timed steps, loader batches)
         shapes, (warmup, reps, n_batches) = [(6, 256), (48, 256)][:2 - quick], (2, 3, 4) if quick else (3, 10, 12)
     else:  # one to two minutes on 2 cores
         shapes = [(4, 128), (6, 128)][:2 - quick]
         warmup, reps, n_batches = (1, 1, 2) if quick else (1, 2, 3)
-    ops = ("ref", "fused") if cuda else ("ref",)
     cfg = TrainConfig()
     grid = torch.linspace(-60, 60, 4)  # 16 colour classes on a grid in (a, b): their number costs time, not their place
     centroids = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).view(16, 2).to(device)
-    rows = []
     for B, size in shapes:
-        batch, loader_ms, source = load_batches(data, B, size, workers, cuda, n_batches)
+        case = f"step, batch {B}, {size}x{size}"
+        try:
+            batch, loader_ms, source = load_batches(data, B, size, workers, cuda, n_batches)
+        except Exception as e:  # noqa: BLE001 - the loader's failure is this case's row
+            row = error_row("train", f"{case}: loading {data}", "-", e)
+            log(row)
+            yield row
+            continue
         if loader_ms is None:
             print(f"train: no DataLoader timing, {source}", flush=True)
         for dtype in dtypes:
-            bf16 = dtype == "bf16"
-            torch.manual_seed(0)
-            net = CorrFlow(cfg.model).to(device).train()
-            net = net.to(memory_format=torch.channels_last) if bf16 else net  # as train.py does on GPU
-            optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-            result = {}  # op -> (median ms per section over `reps` steps after `warmup`, memory of the first timed)
-            for op in ops:
-                with attention_op(op == "fused"):
-                    for i in range(warmup):
-                        train_step(net, optimizer, batch, centroids, cfg, device, bf16, i)
-                    with peak_memory(device) as mem:
-                        steps = [train_step(net, optimizer, batch, centroids, cfg, device, bf16, warmup)]
-                    steps += [train_step(net, optimizer, batch, centroids, cfg, device, bf16, warmup + i)
-                              for i in range(1, reps)]
-                result[op] = {name: statistics.median(s[name] for s in steps) for name in steps[0]}, mem
-            total = {op: sum(times.values()) for op, (times, _) in result.items()}
-            keeps_up = loader_ms is not None and loader_ms <= min(total.values())
-            details = (f"data: loader {loader_ms:.0f} ms/batch, num_workers={workers} (overlaps the step), keeps up: "
-                       f"{'yes' if keeps_up else 'no'}" if loader_ms else f"data: {source}")
-            details += "; ms prep/encoder/copy/loss/bwd+opt: " + ", ".join(
-                f"{op} " + "/".join(f"{t:.0f}" if t >= 10 else f"{t:.1f}" for t in times.values())
-                for op, (times, _) in result.items())
-            cell = {op: f"{fmt_ms(t)} = {B / t * 1e3:.1f} clips/s" for op, t in total.items()}
-            rows.append(Row("train", f"step, batch {B}, {size}x{size}", "bf16 autocast + channels_last" if bf16
-                            else "fp32", cell["ref"], cell.get("fused", "n/a (needs CUDA)"),
-                            f"{total['ref'] / total['fused']:.2f}x" if cuda else "-",
-                            fmt_mem([result[op][1] for op in ops] + [None] * (not cuda)), details))
-            log(rows[-1])
-            if (B, size, dtype) == (*shapes[0], dtypes[0]):
-                # the original CorrFlow code re-encodes frames at every copy: 16 encoder passes per clip, not 3
-                once, again = (encoder_ms(net, n * B, size, device, bf16) for n in (3, 16))
-                step = total[ops[-1]]
-                rows.append(Row("train", f"encode each frame once vs at every copy, batch {B}, {size}x{size}",
-                                rows[-1].dtype, details=(
-                                    f"{ops[-1]} op; encoder fwd+bwd {fmt_ms(once)} on 3 frames/clip, "
-                                    f"{fmt_ms(again)} on 16: iteration {fmt_ms(step)} vs "
-                                    f"{fmt_ms(step - once + again)}, {(step - once + again) / step:.2f}x the cost")))
-    return rows
+            yield from guarded("train", case, dtype, lambda: train_rows(
+                B, size, dtype, batch, loader_ms, source, centroids, cfg, device, workers, reps, warmup,
+                compare_encoding=(B, size, dtype) == (*shapes[0], dtypes[0])))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Part 3: 480p propagation
 
 
-def bench_propagate(device, quick, davis, checkpoint) -> list:
+def propagate_row(name, encoder, frames, mask, source, device) -> Row:
+    """propagate.py's default settings with these features, timed over the frames with the reference op and (on
+    CUDA) the fused one."""
+    cuda = device.type == "cuda"
+    ops = ("ref", "fused") if cuda else ("ref",)
+    n = len(frames)
+    cfg = PropagationConfig(features=name if name in ("lab", "model+lab") else "model")  # the default settings
+
+    def run(frames):  # ms; every frame's result ends in .cpu(), a sync point
+        t = time.perf_counter()
+        deque(propagate_masks(frames, mask, cfg, encoder, device), maxlen=0)
+        return (time.perf_counter() - t) * 1e3
+
+    per_frame, mems = {}, []
+    for op in ops:
+        with attention_op(op == "fused"):
+            run(frames[:5 if cuda else 2])  # warm-up: cuDNN's algorithm search, Triton's compilation
+            with peak_memory(device) as mem:
+                times = [run(frames)]
+            times += [run(frames) for _ in range(2 if cuda else 0)]
+        per_frame[op] = statistics.median(times) / n
+        mems.append(mem)
+    cell = {op: f"{fmt_ms(ms)}/frame = {1e3 / ms:.1f} frames/s" for op, ms in per_frame.items()}
+    return Row("propagate", f"{source}: {name} features, top {cfg.topk} of first + 3 recent, radius {cfg.radius}"
+               + (" (fused: the reference, 68 fp32 channels)" if name == "model+lab" else ""), "fp32",
+               cell["ref"], cell.get("fused", "n/a (needs CUDA)"),
+               f"{per_frame['ref'] / per_frame['fused']:.2f}x" if cuda else "-",
+               fmt_mem(mems + [None] * (not cuda)), "each frame encoded once, then copied; decoding excluded")
+
+
+def bench_propagate(device, quick, davis, checkpoint):
+    """480p propagation of DAVIS blackswan (random frames without it), model, lab and model+lab: yields rows."""
     cuda = device.type == "cuda"
     n = (10 if quick else 30) if cuda else (3 if quick else 6)
     seq = Path(davis) / "JPEGImages" / "480p" / "blackswan"
@@ -372,34 +443,9 @@ def bench_propagate(device, quick, davis, checkpoint) -> list:
         encoders = {"model (random init)": [Encoder(CorrFlow().eval().to(device), squared_distance=False)]}
     encoders["lab"] = load_encoder(None, "lab", device)
     encoders["model+lab"] = next(iter(encoders.values())) + encoders["lab"]  # the default: one softmax over both
-    ops = ("ref", "fused") if cuda else ("ref",)
-    rows = []
     for name, encoder in encoders.items():
-        cfg = PropagationConfig(features=name if name in ("lab", "model+lab") else "model")  # the default settings
-
-        def run(frames):  # ms; every frame's result ends in .cpu(), a sync point
-            t = time.perf_counter()
-            deque(propagate_masks(frames, mask, cfg, encoder, device), maxlen=0)
-            return (time.perf_counter() - t) * 1e3
-
-        per_frame, mems = {}, []
-        for op in ops:
-            with attention_op(op == "fused"):
-                run(frames[:5 if cuda else 2])  # warm-up: cuDNN's algorithm search, Triton's compilation
-                with peak_memory(device) as mem:
-                    times = [run(frames)]
-                times += [run(frames) for _ in range(2 if cuda else 0)]
-            per_frame[op] = statistics.median(times) / n
-            mems.append(mem)
-        cell = {op: f"{fmt_ms(ms)}/frame = {1e3 / ms:.1f} frames/s" for op, ms in per_frame.items()}
-        rows.append(Row("propagate", f"{source}: {name} features, top {cfg.topk} of first + 3 recent, radius "
-                        f"{cfg.radius}" + (" (fused: the reference, 68 fp32 channels)" if name == "model+lab" else ""),
-                        "fp32",
-                        cell["ref"], cell.get("fused", "n/a (needs CUDA)"),
-                        f"{per_frame['ref'] / per_frame['fused']:.2f}x" if cuda else "-",
-                        fmt_mem(mems + [None] * (not cuda)), "each frame encoded once, then copied; decoding excluded"))
-        log(rows[-1])
-    return rows
+        yield from guarded("propagate", f"{source}: {name} features", "fp32",
+                        lambda: [propagate_row(name, encoder, frames, mask, source, device)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -450,12 +496,19 @@ def main(parts, device="auto", dtype=None, quick=False, data="../shared/data/tra
     rows, walls = [], {}
     for part in parts or PARTS:
         t = time.perf_counter()
-        if part == "kernel":
-            rows += bench_kernel(device, dtypes, quick)
-        elif part == "train":
-            rows += bench_train(device, dtypes, quick, data, workers)
-        else:
-            rows += bench_propagate(device, quick, davis, checkpoint)
+        run = {"kernel": lambda: bench_kernel(device, dtypes, quick),
+               "train": lambda: bench_train(device, dtypes, quick, data, workers),
+               "propagate": lambda: bench_propagate(device, quick, davis, checkpoint)}[part]
+        try:  # each case records its own error; this catches what fails around them (a bad checkpoint, ...)
+            for row in run():  # rows as they are measured: an interruption keeps those done
+                rows.append(row)
+        except Exception as e:  # noqa: BLE001
+            rows.append(error_row(part, "the whole part", "-", e))
+            log(rows[-1])
+        except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: the table of what was measured, then stop
+            rows.append(Row(part, "interrupted (SIGINT): the cases after the last row were not run", "-"))
+            walls[part] = time.perf_counter() - t
+            break
         walls[part] = time.perf_counter() - t
     print("\n" + summary(rows, device, walls))
     return rows

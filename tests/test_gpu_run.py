@@ -1,5 +1,8 @@
 """The GPU run's CPU rehearsal: every step of .ci/gpu_run.py on tiny inputs, so a GPU never meets an untried path."""
+import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("gpu_run", ROOT / ".ci" / "gpu_run.py")
+gpu_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_run)
 
 
 @pytest.mark.slow
@@ -32,20 +38,58 @@ def test_gpu_run_rehearsal(shared_data, tmp_path):
 
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, str(ROOT / ".ci" / "gpu_run.py"), str(out), "--rehearse",
-                             "--minutes", "6", "--data", str(clips), "--davis", str(davis),
-                             "--keypoints", str(keypoints)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                             "--minutes", "8", "--data", str(clips), "--davis", str(davis),
+                             "--keypoints", str(keypoints)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     summary = (out / "summary.md").read_text()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the table is printed last
     steps = [line.split(" | ")[0].lstrip("| ") for line in summary.splitlines()[4:]]
-    assert steps == ["gpu tests", "bench", "train", "propagate 480p", "davis J&F", "points blackswan", "PCK"]
+    assert steps == ["gpu tests", "bench kernel", "bench train", "train", "propagate 480p", "davis J&F",
+                     "points blackswan", "PCK"]
+    # what comes back from the GPU machine: at most 8 plain files of at most 16 MB, all of them the results
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert files == sorted(gpu_run.OUT_FILES) and len(files) <= gpu_run.MAX_FILES
+    assert all((out / f).stat().st_size <= gpu_run.MAX_FILE_BYTES for f in files)
+    # the tests and the kernel benchmark ran with PyAV hidden, and still passed
     assert "passed" in (out / "tests.log").read_text()
-    assert "| train |" in (out / "bench.md").read_text()
-    assert (out / "corrflow.pt").is_file() and (out / "log.csv").is_file()
-    assert not (out / "train" / "ckpt.pt").exists()  # only the small exported weights are kept
+    bench_md = (out / "bench.md").read_text()
+    assert "| kernel |" in bench_md and "| train |" in bench_md and "| error |" not in bench_md
     propagated = (out / "propagate.md").read_text()
     assert "frames/s" in propagated and "model (corrflow.pt)" in propagated
-    assert "J&F" in (out / "davis.log").read_text() and "PCK" in (out / "points.log").read_text()
+    scores = (out / "scores.log").read_text()
+    assert "J&F" in scores and "PCK" in scores
+    for table in (bench_md, propagated):  # printed before the summary, so that the output's tail holds them
+        assert table.strip().splitlines()[-1] in result.stdout
+
+
+def test_a_step_past_its_limit_gets_sigint_then_is_killed(tmp_path):
+    catches = "import signal, time; signal.signal(signal.SIGINT, lambda *a: (print('saved', flush=True), exit(130)))"
+    row = gpu_run.run_step("polite", [sys.executable, "-c", catches + "; time.sleep(60)"], tmp_path / "a.log",
+                           limit=6, env=dict(os.environ))
+    assert row["status"] == "stopped at its limit by SIGINT (exit 130)" and "saved" in (tmp_path / "a.log").read_text()
+    ignores = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"
+    row = gpu_run.run_step("stubborn", [sys.executable, "-c", ignores], tmp_path / "b.log", limit=6,
+                           env=dict(os.environ))
+    assert row["status"] == "killed at its limit (6 s)" and row["seconds"] < 10
+
+
+def test_the_checkout_and_the_carried_data_fit_the_carry_limit(shared_data, tmp_path):
+    # --prepare in a stand-in checkout: this one's files, a PyAV wheel of today's size (35 MB, a sparse file)
+    root = tmp_path / "checkout"
+    shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns(".git", "gpu_data", ".whl", "runs", "__pycache__"))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    (root / ".whl").mkdir()
+    with open(root / ".whl" / "av-19.0.2-cp312-abi3-manylinux_2_28_x86_64.whl", "wb") as f:
+        f.truncate(34_990_159)
+    sizes = gpu_run.prepare(shared_data, root)
+    assert sum(sizes.values()) <= gpu_run.CARRY_LIMIT, sizes
+    data = root / "gpu_data"
+    assert sorted(p.name for p in (data / "train_videos_256").iterdir()) == sorted(
+        p.name for p in (shared_data / "train_videos_256").iterdir())
+    sequences = [p.name for p in (data / "davis" / "JPEGImages" / "480p").iterdir()]
+    assert sequences and [p.stem for p in (data / "keypoints").glob("*.json")]  # one scored sequence at least
+    assert {p.stem for p in (data / "keypoints").glob("*.json")} <= set(sequences)
 
 
 def test_gpu_run_refuses_a_used_output_folder(tmp_path):
