@@ -376,7 +376,8 @@ def read_grid(path: Path) -> dict:
 def run_grid(root: Path, configs: dict, sequences: list[str], checkpoint, device: str, out_csv: Path,
              keypoints: Path | None = None) -> dict[str, dict[str, float]]:
     """Propagate and score every setting of `configs` on every sequence; print a table, write one CSV row per
-    setting (J&F, J, F, per-sequence J&F, PCK when --keypoints, seconds per frame with the features cached)."""
+    setting (J&F, J, F, per-sequence J&F, PCK when --keypoints, seconds per frame with the features cached),
+    rewritten after each sequence over the sequences done so far."""
     import time
 
     import imageio.v3 as iio
@@ -417,24 +418,34 @@ def run_grid(root: Path, configs: dict, sequences: list[str], checkpoint, device
         for encoder in cached.values():
             encoder.embed.cache.clear()
         print(f"{seq}: {len(configs)} settings", flush=True)
-    header = ["setting", "J&F", "J", "F", *sequences, "PCK@0.1", "PCK@0.2", "s/frame (features cached)", "config"]
-    rows, summary = [header], {}
+        done = sequences[:sequences.index(seq) + 1]
+        rows, summary = _grid_table(configs, done, results, points, seconds, n_frames)
+        write_csv_atomic(out_csv, rows)  # after every sequence: a run cut short keeps the sequences it finished
     print(f"{'setting':<32} {'J&F':>6} {'J':>6} {'F':>6}  " + " ".join(f"{q[:8]:>8}" for q in sequences)
           + "  PCK@0.1 PCK@0.2  s/frame")
+    for name, row in zip(configs, rows[1:]):
+        total, pck, per_frame = summary[name], [summary[name][f"PCK@{a}"] for a in (0.1, 0.2)], float(row[-2])
+        print(f"{name:<32} {total['J&F']:6.3f} {total['J-Mean']:6.3f} {total['F-Mean']:6.3f}  "
+              + " ".join(f"{float(v):8.3f}" for v in row[4:4 + len(sequences)])
+              + f"  {pck[0]:7.3f} {pck[1]:7.3f}  {per_frame:7.2f}")
+    return summary
+
+
+def _grid_table(configs, sequences, results, points, seconds, n_frames):
+    """The grid's CSV rows (header first) over `sequences`, and each setting's J&F, J, F and PCK."""
+    header = ["setting", "J&F", "J", "F", *sequences, "PCK@0.1", "PCK@0.2", "s/frame (features cached)", "config"]
+    rows, summary = [header], {}
     for name, cfg in configs.items():
-        total = summarise(results[name])
+        total = summarise({q: results[name][q] for q in sequences})
         per_seq = [summarise({q: results[name][q]})["J&F"] for q in sequences]
         pck_mean = {a: (sum(r[a][0] for r in points[name].values()) / sum(r[a][1] for r in points[name].values())
                         if points[name] else float("nan")) for a in (0.1, 0.2)}
         summary[name] = {**total, **{f"PCK@{a}": v for a, v in pck_mean.items()}}
         per_frame = seconds[name] / max(n_frames, 1)
-        print(f"{name:<32} {total['J&F']:6.3f} {total['J-Mean']:6.3f} {total['F-Mean']:6.3f}  "
-              + " ".join(f"{v:8.3f}" for v in per_seq) + f"  {pck_mean[0.1]:7.3f} {pck_mean[0.2]:7.3f}  {per_frame:7.2f}")
         rows.append([name, *(f"{total[k]:.4f}" for k in ("J&F", "J-Mean", "F-Mean")), *(f"{v:.4f}" for v in per_seq),
                      f"{pck_mean[0.1]:.4f}", f"{pck_mean[0.2]:.4f}", f"{per_frame:.3f}",
                      json.dumps({k: v for k, v in vars(cfg).items()})])
-    write_csv_atomic(out_csv, rows)
-    return summary
+    return rows, summary
 
 
 # ----------------------------------------------------------------------------------------------------------------
