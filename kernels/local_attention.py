@@ -164,8 +164,8 @@ def local_attention_ref(query, refs, values, radius, temperature=1.0, topk=0):
 # reference positions and walks the halo of *queries* that can see it (the window relation is symmetric), so
 # d(refs) and d(values) are accumulated without atomics: deterministic.
 #
-# Tile shapes (`CONFIGS`), chosen so that no kernel spills registers on sm_80 or sm_90 (`python -m
-# kernels.compile_check` compiles every launch for both and fails on a spill):
+# Tile shapes (`CONFIGS`), chosen so that no kernel spills registers on sm_80 or sm_90 (`python
+# .ci/compile_check.py` compiles every launch the project makes for both and fails on a spill):
 # - 16-bit inputs: 8x8 query tiles (64 rows: a whole warpgroup MMA on sm_90), halo chunks of 32 positions.
 # - fp32 inputs: 4x8 tiles, chunks of 16. The 3xTF32 dot keeps each operand and its TF32 head and tail in registers,
 #   and with all C = 64 channels of the queries and of a chunk of keys live at once, wider chunks or taller tiles
@@ -451,17 +451,18 @@ def _launch_args(query, refs, values, out, radius, temperature, gpu):
     B, C, H, W = query.shape
     R, K = refs.shape[1], values.shape[2]
     strides = (*query.stride(), *refs.stride(), *values.stride(), *out.stride())
+    gpu = query.device.type != "cpu" if gpu is None else gpu
     meta = dict(CONFIGS.get(query.dtype, CONFIGS[torch.float32]), C_PAD=max(16, triton.next_power_of_2(C)),
-                K_PAD=max(16, triton.next_power_of_2(K)),
-                PRECISION=_precision(query.dtype, query.is_cuda if gpu is None else gpu), maxnreg=MAXNREG)
+                K_PAD=max(16, triton.next_power_of_2(K)), PRECISION=_precision(query.dtype, gpu), maxnreg=MAXNREG)
     grid = (triton.cdiv(H, meta["TILE_H"]) * triton.cdiv(W, meta["TILE_W"]), B)
     radii_t = torch.tensor(radii(radius, R), dtype=torch.int32, device=query.device)  # each reference's radius
     return strides, (R, C, K, H, W, LOG2E / temperature), meta, grid, radii_t
 
 
-# The launches as (kernel, grid, args, meta) tuples: the op runs them, and `kernels/compile_check.py` compiles
+# The launches as (kernel, grid, args, meta) tuples: the op runs them, and `.ci/compile_check.py` compiles
 # exactly what they would compile (the argument specialisation comes from the same arguments). `gpu`: compile for a
-# GPU (True) or the interpreter (False); None: where the tensors are. `thr` (B, H, W) fp32: with top-k, the
+# GPU (True) or the interpreter (False); None: where the tensors are (meta tensors, which the compile check records
+# launches on, stand for CUDA ones). `thr` (B, H, W) fp32: with top-k, the
 # threshold the first launch writes and the others read; None without top-k.
 def _fwd_launches(query, refs, values, out, lse, radius, temperature, topk=0, thr=None, gpu=None):
     strides, sizes, meta, grid, radii_t = _launch_args(query, refs, values, out, radius, temperature, gpu)
@@ -494,6 +495,12 @@ def _bwd_launches(query, refs, values, grad_out, lse, delta, d_query, d_refs, d_
     return launches
 
 
+def _launch(kernel, grid, args, meta):
+    """Every launch of the op goes through here (the compile check replaces it to collect the launches that the
+    project's call sites make, on meta tensors, instead of running them)."""
+    kernel[grid](*args, **meta)
+
+
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, refs, values, radius, temperature, topk):
@@ -501,8 +508,8 @@ class _LocalAttention(torch.autograd.Function):
         out = torch.empty(B, values.shape[2], H, W, device=query.device, dtype=query.dtype)
         lse = torch.empty(B, H, W, device=query.device, dtype=torch.float32)
         thr = torch.empty(B, H, W, device=query.device, dtype=torch.float32) if topk else None
-        for kernel, grid, args, meta in _fwd_launches(query, refs, values, out, lse, radius, temperature, topk, thr):
-            kernel[grid](*args, **meta)
+        for launch in _fwd_launches(query, refs, values, out, lse, radius, temperature, topk, thr):
+            _launch(*launch)
         ctx.save_for_backward(query, refs, values, out, lse, thr)
         ctx.radius, ctx.temperature = radius, temperature
         return out
@@ -517,9 +524,9 @@ class _LocalAttention(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             d_refs = torch.empty(refs.shape, device=refs.device, dtype=refs.dtype)
             d_values = torch.empty(values.shape, device=values.device, dtype=values.dtype)
-        for kernel, grid, args, meta in _bwd_launches(query, refs, values, grad_out, lse, delta, d_query, d_refs,
-                                                      d_values, ctx.radius, ctx.temperature, thr):
-            kernel[grid](*args, **meta)
+        for launch in _bwd_launches(query, refs, values, grad_out, lse, delta, d_query, d_refs, d_values, ctx.radius,
+                                    ctx.temperature, thr):
+            _launch(*launch)
         return d_query, d_refs, d_values, None, None, None
 
 
@@ -559,10 +566,16 @@ def local_attention_triton(query, refs, values, radius, temperature=1.0, topk=0)
     return _LocalAttention.apply(query, refs, values, tuple(radii(radius, R)), float(temperature), topk)
 
 
+def fused_on_cuda(query) -> bool:
+    """Whether `local_attention` runs the fused op for CUDA inputs like `query`: all but fp32 features of more
+    than FUSED_FP32_MAX_CHANNELS channels."""
+    return not (query.dtype == torch.float32 and query.shape[1] > FUSED_FP32_MAX_CHANNELS)
+
+
 def local_attention(query, refs, values, radius, temperature=1.0, topk=0):
     """Restricted attention: fused Triton kernels for CUDA tensors, the plain PyTorch reference otherwise (and for
     fp32 inputs of more than FUSED_FP32_MAX_CHANNELS channels, with a warning the first time)."""
-    if query.is_cuda and query.dtype == torch.float32 and query.shape[1] > FUSED_FP32_MAX_CHANNELS:
+    if query.is_cuda and not fused_on_cuda(query):
         warnings.warn(f"fp32 features of {query.shape[1]} channels: the fused op holds at most "
                       f"{FUSED_FP32_MAX_CHANNELS} without spilling registers; running the PyTorch reference")
         return local_attention_ref(query, refs, values, radius, temperature, topk)

@@ -1,5 +1,6 @@
-"""The fused kernels compiled for sm_80 and sm_90 on a machine without a GPU (`python -m kernels.compile_check`):
-every launch the project makes compiles, spills no register and fits each target's shared memory."""
+"""The fused kernels compiled for sm_80 and sm_90 on a machine without a GPU (`python .ci/compile_check.py`): every
+launch the project's call sites make (recorded on meta tensors) compiles, spills no register and fits each target's
+shared memory."""
 import importlib.util
 import os
 import subprocess
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_kernels_compile_for_sm80_and_sm90_without_spills():
     # the check compiles for GPU targets: it must run without the CPU interpreter, which replaces the kernels
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(ROOT / ".ci" / "compile_check.py")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=2400)
     print(proc.stdout)  # the table, shown with -s or on failure
     assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"

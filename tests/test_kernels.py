@@ -133,13 +133,23 @@ def test_reference_radii_and_topk_match_dense_formulation(shape):
     torch.testing.assert_close(out, dense_local_attention(*inputs, radius, temperature, topk), atol=1e-12, rtol=1e-12)
 
 
+def integer_scores(inputs):
+    """query and refs rounded to multiples of 1/2: every score is then exact in any summation order (in fp32 and in
+    the GPU's 3xTF32), so both implementations see the same k-th score and the same ties. With random floats a
+    score within rounding of the k-th may be kept by one and dropped by the other (or, in the fused op, by its
+    forward and not by its backward, which computes the scores in another order): a boundary case no two
+    arithmetics agree on, which only top-k's backward (unused by the project) would feel."""
+    q, r, v = inputs
+    return [(t.detach() * 2).round().div(2).requires_grad_() for t in (q, r)] + [v]
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("shape", SELECTIVE, ids=[str(s) for s in SELECTIVE])
 def test_triton_radii_and_topk_match_reference(shape):
     """Per-reference radii and top-k in the fused op: output and the three gradients (top-k masks the backward
     the same way; the selected set is fixed, so the gradient is the plain softmax's over it)."""
     *sizes, radius, temperature, topk = shape
-    inputs = make_inputs(*sizes)
+    inputs = integer_scores(make_inputs(*sizes))
     out_ref = local_attention_ref(*inputs, radius, temperature, topk)
     grad_out = torch.randn_like(out_ref)
     grads_ref = torch.autograd.grad(out_ref, inputs, grad_out)
@@ -235,7 +245,7 @@ def test_fused_op_refuses_inputs_past_its_launch_limits():
 # ---------------------------------------------------------------------------------------------- GPU only
 
 
-# the shapes above plus the training and propagation cases' channels (kernels/compile_check.py compiles these too)
+# the shapes above plus the training and propagation cases' channels (.ci/compile_check.py compiles these too)
 GPU_SHAPES = SHAPES + [(4, 1, 64, 16, 64, 64, 6, 1.0), (1, 4, 64, 8, 30, 54, 12, 1.0)]
 
 
@@ -283,9 +293,9 @@ def test_gpu_low_precision_within_2x_of_reference_error(dtype, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", SELECTIVE[:-1], ids=[str(s) for s in SELECTIVE[:-1]])
 def test_gpu_radii_and_topk_match_reference(shape):
-    """Per-reference radii and top-k, fp32 on a GPU (3xTF32 scores: random scores are far apart at the k-th)."""
+    """Per-reference radii and top-k, fp32 on a GPU (scores exact in 3xTF32 too: see integer_scores)."""
     *sizes, radius, temperature, topk = shape
-    inputs = make_inputs(*sizes, device="cuda")
+    inputs = integer_scores(make_inputs(*sizes, device="cuda"))
     out_ref = local_attention_ref(*inputs, radius, temperature, topk)
     grad_out = torch.randn_like(out_ref)
     grads_ref = torch.autograd.grad(out_ref, inputs, grad_out)

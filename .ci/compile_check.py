@@ -1,27 +1,34 @@
 """Compile every launch of the fused kernels for GPU targets on a machine without a GPU; report what ptxas made.
 
-    python -m kernels.compile_check              # one table: registers, spills, stack, shared memory per compile
-    python -m kernels.compile_check --jobs 1     # compile in one process (default: one per CPU core)
+    python .ci/compile_check.py              # one table: registers, spills, stack, shared memory per compile
+    python .ci/compile_check.py --jobs 1     # compile in one process (default: one per CPU core)
 
 Triton carries its own `ptxas`, so a kernel can be compiled all the way to a cubin for sm_80 (A100) and sm_90
-(H100) without a driver. The launches compiled here are the ones the project makes (built with the same helpers the
-op uses, `_fwd_launches` / `_bwd_launches`, on CPU tensors with the layouts the callers really pass):
-- train: `train.py` on CUDA, bf16 autocast: channels-last encoder output split into frames, labels from
-  `colour_targets` or a previous copy's prediction, converted to the features' dtype; forward and both backwards.
-- propagate: `propagate.py` on CUDA: fp32 contiguous features (the model's 64 channels or Lab's 3 + 1), the
-  first + recent references stacked (R = 1..21), K = 8 and 16 label channels, radius 6, 12 or 12 for the first
-  frame only, all candidates or the top 10; forward only (top-k adds its first pass, `_kth_kernel`).
-- gpu test: the fp32 shapes of the `gpu` tests in `tests/test_kernels.py`; forward and both backwards.
+(H100) without a driver. The launches are collected from the project's own call sites, run on meta tensors (shapes,
+strides and dtypes without memory or arithmetic) with the op's launcher replaced by a recorder:
+- bench: `bench.py`'s KERNEL_CASES, fp32 and bf16, as `measure_kernel` makes their inputs, through the dispatch.
+- train: `train.colourise` and `train.nll`, forward and backward, on the encoder's output as `train.encode` gives it
+  on CUDA (bf16 under autocast, channels-last, split into frames by `view`/`unbind`; autocast cannot run on meta
+  tensors, so that one layout is built here) and labels from `train.colour_targets`; the default size and the CPU
+  recipe's 128-pixel crops, scheduled sampling on and off.
+- propagate: `propagate._propagate` itself at real frame sizes (DAVIS 480p, the 428x240 demo, 1080p, an odd width,
+  each at scale 1 and 0.5), the presets and the options that change a launch (20 recent frames, the first frame's
+  radius 12, top-k off), model, Lab and model+Lab features, 1 and 15 objects; what the dispatch sends to the
+  reference (fp32 features of more than 64 channels) is not launched and not compiled.
+- gpu test: the `gpu` tests' fp32 shapes (tests/test_kernels.py, GPU_SHAPES), forward and backward.
 The argument specialisation (an integer equal to 1 becomes a constant, pointers and integers that are multiples of
-16 get alignment hints) comes from Triton's own launch binder applied to those arguments, so the check compiles
-what a launch would. Launches with the same specialisation compile to the same cubin: each is compiled once per
-target and its row lists every case it serves. Nothing is cached across runs (every compile runs ptxas).
+16 get alignment hints) comes from Triton's own launch binder applied to the recorded arguments, so the check
+compiles what a launch would (a meta tensor's data pointer is its byte offset, aligned as a CUDA allocation is).
+Launches with the same specialisation compile to the same cubin: each is compiled once per target and its row lists
+every case it serves. Nothing is cached across runs (every compile runs ptxas).
 
 Exit status 1 when a compile fails, when ptxas reports any spill, or when the shared memory of a block exceeds the
 target's limit. Run with TRITON_INTERPRET unset: the interpreter replaces the kernels by CPU functions.
 """
 import argparse
 import contextlib
+import dataclasses
+import functools
 import importlib
 import importlib.util
 import io
@@ -36,9 +43,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 KiB = 1024
 # target name -> (compute capability, shared memory a block may use)
 TARGETS = {"sm_80": (80, 163 * KiB), "sm_90": (90, 227 * KiB)}
+META = "meta"
 
 
 @dataclass
@@ -63,67 +72,127 @@ class Compile:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The launches the project makes
+# The launches the project makes, recorded at its call sites
+
+
+@contextlib.contextmanager
+def recording(*modules):
+    """Within: the op's launches are appended to the yielded list instead of running, and the `local_attention` of
+    each module (a call site) dispatches as it would for CUDA tensors: the fused op, or for what it leaves to the
+    reference an empty result (nothing is launched)."""
+    import torch
+
+    op = importlib.import_module("kernels.local_attention")  # the module (`kernels.local_attention` is the function)
+    launches = []
+
+    def dispatch(query, refs, values, radius, temperature=1.0, topk=0):
+        if op.fused_on_cuda(query):
+            return op.local_attention_triton(query, refs, values, radius, temperature, topk)
+        return torch.zeros(query.shape[0], values.shape[2], *query.shape[2:], device=query.device,
+                           dtype=query.dtype, requires_grad=query.requires_grad or values.requires_grad)
+
+    saved = op._launch, [m.local_attention for m in modules]
+    op._launch = lambda kernel, grid, args, meta: launches.append((kernel, grid, args, meta))
+    for m in modules:
+        m.local_attention = dispatch
+    try:
+        yield launches
+    finally:
+        op._launch = saved[0]
+        for m, f in zip(modules, saved[1]):
+            m.local_attention = f
+
+
+def _bench_launches():
+    """bench.py's kernel cases, fp32 and bf16, forward (and backward where the case has one), through the dispatch."""
+    import torch
+
+    import bench
+    import model
+
+    out = []
+    for case in bench.KERNEL_CASES:
+        for dtype in (torch.float32, torch.bfloat16):
+            B, C, H, W, R, K, grad = (case[k] for k in ("B", "C", "H", "W", "R", "K", "backward"))
+            q, k, v = (torch.empty(*shape, device=META, dtype=dtype).requires_grad_(grad)
+                       for shape in ((B, C, H, W), (B, R, C, H, W), (B, R, K, H, W)))
+            with recording(model) as launches:
+                o = model.local_attention(q, k, v, case["radius"])
+                if grad:
+                    torch.autograd.grad(o, (q, k, v), torch.empty(B, K, H, W, device=META, dtype=dtype))
+            out.append(("bench", dict(case=case["name"], r=case["radius"]), launches))
+    return out
 
 
 def _train_launches():
-    """train.py's copies on CUDA under bf16 autocast: (case, params, launches) for each distinct argument layout."""
+    """train.py's copies on CUDA under bf16 autocast, forward and backward, at the default size and the CPU recipe's
+    crops, scheduled sampling on and off."""
     import torch
 
-    from model import ModelConfig
-    from train import TrainConfig, colour_targets
-    from .local_attention import _bwd_launches, _fwd_launches
+    import model
+    import train
 
-    cfg, mcfg = TrainConfig(), ModelConfig()
-    B, C, h, w = cfg.batch_size, mcfg.feat_dim, cfg.size // 4, cfg.size // 4
-    dt = torch.bfloat16
-    # the encoder's output for the 3 frames of each clip, channels-last (the model is converted on CUDA), bf16
-    feats = torch.empty(B * 3, C, h, w, dtype=dt).contiguous(memory_format=torch.channels_last)
-    f0, f1, f2 = feats.view(B, 3, C, h, w).unbind(1)
-    # true labels as colour_targets makes them (the centroids do not matter, only the layout)
-    clean = torch.rand(B, 3, 3, cfg.size, cfg.size)
-    centroids = torch.randn(cfg.num_clusters, 2)
-    _, labels = colour_targets(clean, centroids)  # (B, 3, K, h, w)
-    K = labels.shape[2]
-    predicted = torch.empty(B, K, h, w, dtype=torch.float32)  # a previous copy's output, `.float()`
+    cfg, mcfg = train.TrainConfig(), model.ModelConfig()
     out = []
-    for name, values in (("labels", labels[:, 0]), ("prediction", predicted)):
-        # train.copy(): copy_labels(query, ref[:, None], labels[:, None].to(ref.dtype), radius, temperature)
-        query, refs, vals = f1, f0[:, None], values[:, None].to(dt)
-        o = torch.empty(B, K, h, w, dtype=dt)
-        lse = torch.empty(B, h, w)
-        grad_out = torch.empty(B, K, h, w, dtype=dt)  # the gradient of `.float()`: a bf16 copy, contiguous
-        d_query, d_refs, d_vals = (torch.empty(t.shape, dtype=dt) for t in (query, refs, vals))
-        radius, temp = mcfg.radius, mcfg.temperature
-        launches = _fwd_launches(query, refs, vals, o, lse, radius, temp, gpu=True)
-        launches += _bwd_launches(query, refs, vals, grad_out, lse, lse, d_query, d_refs, d_vals, radius, temp,
-                                  gpu=True)
-        out.append(("train", dict(B=B, C=C, size=f"{h}x{w}", K=K, r=radius, values=name), launches))
+    for size, B in ((cfg.size, cfg.batch_size), (128, 4)):
+        h = w = size // 4
+        for use_gt in (True, False):
+            # what train.encode returns on CUDA: the encoder's bf16 output, channels-last (the model is converted)
+            feats = torch.empty(B * 3, mcfg.feat_dim, h, w, device=META, dtype=torch.bfloat16).contiguous(
+                memory_format=torch.channels_last).requires_grad_()
+            f0, f1, f2 = feats.view(B, 3, -1, h, w).unbind(1)
+            clean = torch.empty(B, 3, 3, size, size, device=META)
+            target, labels = train.colour_targets(clean, torch.empty(cfg.num_clusters, 2, device=META))
+            with recording(model) as launches:
+                p1, p2, p0_short, p0_long = train.colourise(f0, f1, f2, labels, use_gt, mcfg.radius, mcfg.temperature)
+                loss = (train.nll(p1, target[:, 1]) + train.nll(p2, target[:, 2])
+                        + cfg.cycle_weight * (train.nll(p0_short, target[:, 0]) + train.nll(p0_long, target[:, 0])))
+                loss.backward()
+            out.append(("train", dict(B=B, size=f"{h}x{w}", gt=use_gt), launches))
     return out
 
 
 def _propagate_launches():
-    """propagate.py on CUDA: fp32, contiguous, forward only (it runs under inference mode)."""
+    """propagate.py's loop on CUDA (fp32, inference mode) at real frame sizes, its presets and the options that
+    change a launch, every feature type, 1 and 15 objects."""
+    import numpy as np
     import torch
 
-    from .local_attention import _fwd_launches
+    import propagate
+    from model import CorrFlow, downsample_labels
 
-    h, w = 120, 214  # DAVIS 480p: 480x854 frames, padded to 480x856, at stride 4
+    def once_per_shape(embed):  # meta outputs carry no values: one per input shape serves every frame
+        outputs = {}
+
+        def cached(rgb):
+            if tuple(rgb.shape) not in outputs:
+                outputs[tuple(rgb.shape)] = embed(rgb)
+            return outputs[tuple(rgb.shape)]
+        return cached
+
+    encoders = {"model": propagate.Encoder(once_per_shape(CorrFlow().to(META).eval()), squared_distance=False),
+                "lab": propagate.Encoder(once_per_shape(propagate.lab_features), squared_distance=True)}
+    variants = {"": {}, "20 recent": dict(num_recent=20), "first radius 12": dict(first_radius=12),
+                "all candidates": dict(topk=0)}
     out = []
-    # Lab: 3 channels + 1 for the squared distance (model+lab's 68 channels run the reference: FUSED_FP32_MAX_CHANNELS)
-    for features, C in (("model", 64), ("lab", 4)):
-        for R in (1, 2, 4, 21):  # the first frame and up to 20 recent ones
-            for K in (8, 16):
-                for radius in (6, 12, "12 first, 6"):
-                    radii = [12] + [6] * (R - 1) if radius == "12 first, 6" else radius
-                    for topk in (0, 10):
-                        # torch.stack of R (1, C, h, w) / (1, K, h, w) tensors: contiguous
-                        query = torch.empty(1, C, h, w)
-                        refs, vals = torch.empty(1, R, C, h, w), torch.empty(1, R, K, h, w)
-                        o, lse, thr = torch.empty(1, K, h, w), torch.empty(1, h, w), torch.empty(1, h, w)
-                        out.append((f"propagate {features}", dict(C=C, size=f"{h}x{w}", R=R, K=K, r=radius, topk=topk),
-                                    _fwd_launches(query, refs, vals, o, lse, radii, 1.0, topk, thr if topk else None,
-                                                  gpu=True)))
+    for (H, W), scale in [((480, 854), 1), ((480, 854), 0.5), ((240, 428), 1), ((1080, 1920), 1),
+                          ((1080, 1920), 0.5), ((480, 853), 1)]:
+        for preset, variant, features in [(p, v, f) for p in propagate.PROTOCOLS for v in variants
+                                          for f in propagate.FEATURES]:
+            settings = dict(propagate.PROTOCOLS[preset], **variants[variant], features=features, scale=scale)
+            cfg = dataclasses.replace(propagate.PropagationConfig(), **settings)
+            for objects in (1, 15):
+                n_frames = cfg.num_recent + 2  # every reference slot filled
+                frames = (np.zeros((H, W, 3), np.uint8) for _ in range(n_frames))
+                first = next(frames)
+                h, w = propagate.to_tensor(first, torch.device(META), scale).shape[-2:]
+                first_labels = downsample_labels(torch.empty(1, objects + 1, h, w, device=META))
+                with recording(propagate) as launches:
+                    for _ in propagate._propagate(first, frames, first_labels, cfg,
+                                                  [encoders[f] for f in features.split("+")], torch.device(META)):
+                        pass
+                out.append((f"propagate {features}", dict(size=f"{W}x{H}", scale=scale, preset=preset,
+                                                          variant=variant or "-", K=objects + 1), launches))
     return out
 
 
@@ -131,19 +200,18 @@ def _gpu_test_launches():
     """The fp32 shapes of the `gpu` tests (tests/test_kernels.py, GPU_SHAPES), contiguous, forward and backward."""
     import torch
 
-    from .local_attention import _bwd_launches, _fwd_launches
+    from kernels import local_attention_triton
 
     spec = importlib.util.spec_from_file_location("_test_kernels", ROOT / "tests" / "test_kernels.py")
     tests = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tests)
     out = []
     for i, (B, R, C, K, H, W, radius, temp) in enumerate(tests.GPU_SHAPES):
-        query, refs, vals = torch.empty(B, C, H, W), torch.empty(B, R, C, H, W), torch.empty(B, R, K, H, W)
-        o, lse, grad_out = torch.empty(B, K, H, W), torch.empty(B, H, W), torch.empty(B, K, H, W)
-        d_query, d_refs, d_vals = (torch.empty(t.shape) for t in (query, refs, vals))
-        launches = _fwd_launches(query, refs, vals, o, lse, radius, temp, gpu=True)
-        launches += _bwd_launches(query, refs, vals, grad_out, lse, lse, d_query, d_refs, d_vals, radius, temp,
-                                  gpu=True)
+        q, k, v = (torch.empty(*shape, device=META).requires_grad_()
+                   for shape in ((B, C, H, W), (B, R, C, H, W), (B, R, K, H, W)))
+        with recording() as launches:
+            o = local_attention_triton(q, k, v, radius, temp)
+            torch.autograd.grad(o, (q, k, v), torch.empty(B, K, H, W, device=META))
         out.append(("gpu test", dict(shape=i), launches))
     return out
 
@@ -152,16 +220,23 @@ def _dtype_name(dtype) -> str:  # torch.bfloat16 -> "bf16"
     return str(dtype).replace("torch.", "").replace("bfloat", "bf").replace("float", "fp")
 
 
-def _specialise(kernel, args, meta, target):
-    """What a launch of `kernel` with these arguments compiles for `target`: (signature, constexprs, attrs, options),
-    from Triton's own binder, as `JITFunction.run` computes them before compiling."""
+@functools.lru_cache(maxsize=None)
+def _binder(kernel, target):
+    """(backend, launch binder) of `kernel` for `target`: built once (building them takes most of a specialisation)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
-    from triton import knobs
     from triton.runtime.jit import create_function_from_signature
 
     backend = make_backend(GPUTarget("cuda", TARGETS[target][0], 32))
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    return backend, create_function_from_signature(kernel.signature, kernel.params, backend)
+
+
+def _specialise(kernel, args, meta, target):
+    """What a launch of `kernel` with these arguments compiles for `target`: (signature, constexprs, attrs, options),
+    from Triton's own binder, as `JITFunction.run` computes them before compiling."""
+    from triton import knobs
+
+    backend, binder = _binder(kernel, target)
     kwargs = dict(meta, debug=kernel.debug or knobs.runtime.debug)
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
@@ -170,12 +245,20 @@ def _specialise(kernel, args, meta, target):
 
 def collect(targets=tuple(TARGETS)):
     """Every distinct compile of every launch the project makes, for each target, cases merged."""
+    import torch
+
     compiles = {}
-    for case, params, launches in _train_launches() + _propagate_launches() + _gpu_test_launches():
+    specialised = {}  # launches with the same arguments (dtypes, data pointers, integers) specialise alike
+    for case, params, launches in (_bench_launches() + _train_launches() + _propagate_launches()
+                                   + _gpu_test_launches()):
         for kernel, _grid, args, meta in launches:
             dtype = _dtype_name(args[0].dtype)
+            same = (kernel.__name__, repr(sorted(meta.items())),
+                    tuple((str(a.dtype), a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args))
             for target in targets:
-                signature, constexprs, attrs, options = _specialise(kernel, args, meta, target)
+                if (same, target) not in specialised:
+                    specialised[same, target] = _specialise(kernel, args, meta, target)
+                signature, constexprs, attrs, options = specialised[same, target]
                 key = (kernel.__name__, target, repr(signature), repr(constexprs), repr(attrs), repr(options))
                 c = compiles.setdefault(key, Compile(kernel.__name__, target, dtype, signature, constexprs, attrs,
                                                      options))
@@ -198,7 +281,7 @@ def compile_one(c: Compile) -> Compile:
     from triton.compiler import ASTSource
     from triton import knobs
 
-    local_attention = importlib.import_module(__package__ + ".local_attention")  # (the package's name is the op)
+    local_attention = importlib.import_module("kernels.local_attention")
     _quiet()
 
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v's report is printed to stdout
@@ -297,7 +380,7 @@ def work_table(sizes=((64, 64), (120, 214), (120, 216)), radii=(6, 12)) -> str:
     (120x214) and bench.py's propagation case (120x216)."""
     import torch
 
-    from .local_attention import CONFIGS
+    from kernels.local_attention import CONFIGS
 
     columns = " | ".join(f"{h}x{w} r={r}" for h, w in sizes for r in radii)
     lines = [f"| kernels | dtype | tile, chunk | {columns} |",
