@@ -492,7 +492,8 @@ def build_parser(propagation: bool = True) -> argparse.ArgumentParser:
     grid.add_argument("root", type=cmdline.existing_folder, help="a DAVIS-layout folder, as for davis")
     grid.add_argument("--configs", type=cmdline.existing_file, required=True,
                       help="JSON {name: {setting: value}} of PropagationConfig fields")
-    grid.add_argument("--out", type=cmdline.output_file, required=True, help="the CSV, one row per setting")
+    grid.add_argument("--out", type=cmdline.output_file, required=True,
+                      help="the CSV, one row per setting (rewritten after each sequence)")
     grid.add_argument("--sequences", nargs="+", help="default: every sequence of ImageSets/2017/val.txt")
     grid.add_argument("--keypoints", type=cmdline.existing_folder,
                       help="keypoint JSONs: sequences that have one are tracked and scored (PCK) too")
