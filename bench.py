@@ -237,7 +237,7 @@ def bench_kernel(device, dtypes, quick):
     reps = 1 if quick else 3
     for case, dtype_name in itertools.product(KERNEL_CASES, dtypes if cuda else ["fp32"]):  # CPU: the fp32 ref
         yield from guarded("kernel", case["name"], dtype_name,
-                        lambda: [kernel_row(case, dtype_name, device, reps, quick, bandwidth)])
+                           lambda: [kernel_row(case, dtype_name, device, reps, quick, bandwidth)])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -79,8 +79,7 @@ def tail(path: Path, pattern: str) -> str:
     """The last line of a log that matches `pattern`, stripped of progress-bar noise; '' when none does."""
     if not path.is_file():
         return ""
-    lines = [line.split("\r")[-1].strip() for line in path.read_text(errors="replace").splitlines()]
-    hits = [line for line in lines if re.search(pattern, line)]
+    hits = [line.strip() for line in clean_log(path).splitlines() if re.search(pattern, line)]
     return hits[-1] if hits else ""
 
 
