@@ -325,7 +325,7 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: Union[str, Path], num_frames: int = 3, frame_gap: int = 4, size: int = 256,
                  jitter_p: float = 0.1, seed: int = 0, in_memory: bool = False, cache: bool = True, crop: int = 0,
-                 sampling: str = "clips"):
+                 sampling: str = "clips", min_scale: float = 1.0):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"video folder not found: {self.root}")
@@ -333,8 +333,10 @@ class ClipDataset(torch.utils.data.Dataset):
             raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, not {sampling!r}")
         if crop > size:
             raise ValueError(f"a {crop}x{crop} crop does not fit in frames {size} pixels on their short side")
+        if not 0 < min_scale <= 1 or (min_scale < 1 and not crop):
+            raise ValueError(f"min_scale {min_scale}: must be in (0, 1], and below 1 only with a crop (it zooms out of one)")
         self.num_frames, self.frame_gap, self.size, self.jitter_p = num_frames, frame_gap, size, jitter_p
-        self.seed, self.crop, self.sampling = seed, crop, sampling
+        self.seed, self.crop, self.sampling, self.min_scale = seed, crop, sampling, min_scale
         self.span = (num_frames - 1) * frame_gap + 1  # frames a clip covers: 9 for CorrFlow's (0, 4, 8)
         paths = find_videos(self.root)
         cached = _load_index(self.root) if cache else {}
@@ -453,9 +455,17 @@ class ClipDataset(torch.utils.data.Dataset):
                 continue
             if self.crop:  # one window for all frames of the clip
                 h, w = clean.shape[-2:]
-                top = int(torch.randint(0, h - self.crop + 1, (), generator=g))
-                left = int(torch.randint(0, w - self.crop + 1, (), generator=g))
-                clean = clean[..., top:top + self.crop, left:left + self.crop].contiguous()
+                side = self.crop
+                if self.min_scale < 1:  # zoom out by s: a window of crop / s pixels shrunk to crop x crop
+                    s = self.min_scale + (1 - self.min_scale) * float(torch.rand((), generator=g))
+                    side = min(h, w, round(self.crop / s))
+                top = int(torch.randint(0, h - side + 1, (), generator=g))
+                left = int(torch.randint(0, w - side + 1, (), generator=g))
+                clean = clean[..., top:top + side, left:left + side]
+                if side != self.crop:
+                    clean = F.interpolate(clean, size=(self.crop, self.crop), mode="bilinear", align_corners=False,
+                                          antialias=True).clamp(0, 1)
+                clean = clean.contiguous()
             jitter = float(torch.rand((), generator=g)) < self.jitter_p  # one coin per sample, factors per frame
             frames = colour_jitter(clean, generator=g) if jitter else clean.clone()
             return {"frames": frames, "clean": clean}

@@ -52,6 +52,7 @@ class TrainConfig:
     warmup_steps: int = 0  # lr rises linearly over these first steps; a run started with --init from weights without optimiser state gets INIT_WARMUP
     size: int = 256  # frames resized to size x size (CorrFlow: 256); with --crop, to this on their short side
     crop: int = 0  # > 0: train on random crop x crop windows of frames scaled to `size` on their short side, aspect kept (objects and motion at the scale of `size`, at the cost of crop^2); 0: the whole squashed frame (CorrFlow)
+    min_scale: float = 1.0  # with --crop: each sample is zoomed out by a factor drawn uniformly from [min_scale, 1] (a window of crop / s pixels shrunk to crop), so objects appear at s times the scale of `size`; 1: no zoom
     sampling: str = "clips"  # clips: every clip start of every video equally likely (CorrFlow); videos: every video equally likely, then a start in it
     frame_gap: int = 4  # frames 0, gap, 2*gap of a clip (CorrFlow: 4)
     jitter_p: float = 0.1  # colour jitter probability per clip (CorrFlow: 0.1)
@@ -84,6 +85,7 @@ CHECKS = {
     "steps": cmdline.integer(0), "epochs": cmdline.integer(1), "minutes": cmdline.real(0),
     "batch_size": cmdline.integer(1), "lr": cmdline.real(above=0), "lr_halve_at": cmdline.real(above=0),
     "size": cmdline.integer(16, multiple_of=4), "crop": cmdline.integer(0, multiple_of=4),
+    "min_scale": cmdline.real(0.05, 1),
     "sampling": cmdline.choice(*SAMPLINGS), "precision": cmdline.choice("auto", "bf16", "fp32"),
     "warmup_steps": cmdline.integer(0), "val_every": cmdline.integer(0), "val_clips": cmdline.integer(1),
     "frame_gap": cmdline.integer(1), "radius": cmdline.integer(0, 64),
@@ -334,7 +336,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
 
     # -- data: clips of 3 frames `frame_gap` apart; the colour classes' centroids
     clips = ClipDataset(cfg.data, num_frames=3, frame_gap=cfg.frame_gap, size=cfg.size, jitter_p=cfg.jitter_p,
-                        seed=cfg.seed, in_memory=cfg.in_memory, crop=cfg.crop, sampling=cfg.sampling)
+                        seed=cfg.seed, in_memory=cfg.in_memory, crop=cfg.crop, sampling=cfg.sampling,
+                        min_scale=cfg.min_scale)
     if state is not None:
         centroids = state["centroids"]
     elif init is not None:
@@ -394,7 +397,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
     val_batches = []  # fixed validation triplets: clean samples of another seed, scored by the first process
     if master and cfg.val_every:
         val = copy.copy(clips)
-        val.seed, val.jitter_p = cfg.seed + 1, 0.0
+        val.seed, val.jitter_p, val.min_scale = cfg.seed + 1, 0.0, 1.0  # at `size`'s scale, whatever the zoom
         items = [val[i]["clean"] for i in range(cfg.val_clips)]
         val_batches = [torch.stack(items[i:i + cfg.batch_size]).to(device)
                        for i in range(0, len(items), cfg.batch_size)]

@@ -205,6 +205,29 @@ def test_crops_keep_the_aspect_and_the_scale(tmp_path):
         data.ClipDataset(tmp_path, size=16, crop=20)
 
 
+def test_min_scale_zooms_out_of_the_crop(tmp_path, monkeypatch):
+    write_video(tmp_path / "wide.mp4", 12, h=32, w=64)
+    ds = data.ClipDataset(tmp_path, size=32, crop=12, jitter_p=0.0, min_scale=0.5)
+    frame = torch.empty(3, 32, 64)
+    frame[0], frame[1], frame[2] = torch.arange(64.0) / 64, 0.2, 0.8  # red ramps: its slope in a crop tells the zoom
+    monkeypatch.setattr(ds, "load_clip", lambda path, start: frame.expand(3, 3, 32, 64).clone())
+    slopes = []
+    for n in range(200):
+        clip = ds[n]["clean"]
+        assert clip.shape == (3, 3, 12, 12) and torch.equal(clip[0], clip[2])  # one window for the three frames
+        slopes.append(float(clip[0, 0, 6, 7] - clip[0, 0, 6, 4]) / 3 * 64)  # pixels of the frame per crop pixel
+    slopes = torch.tensor(slopes)
+    # zoom s drawn from [0.5, 1]: a crop pixel spans 1/s frame pixels, 1 to 2 (windows are whole pixels: 12 to 24)
+    assert slopes.min() > 0.97 and slopes.max() < 2.03, (slopes.min(), slopes.max())
+    assert slopes.min() < 1.1 and slopes.max() > 1.85 and 1.3 < slopes.mean() < 1.6, slopes
+    # min_scale 1 draws nothing more: the stream of an unzoomed run is unchanged
+    plain = data.ClipDataset(tmp_path, size=32, crop=12, jitter_p=0.0)
+    same = data.ClipDataset(tmp_path, size=32, crop=12, jitter_p=0.0, min_scale=1.0)
+    assert all(torch.equal(plain[n]["clean"], same[n]["clean"]) for n in range(3))
+    with pytest.raises(ValueError, match="only with a crop"):
+        data.ClipDataset(tmp_path, size=32, min_scale=0.5)
+
+
 def test_black_and_white_videos_are_skipped_with_a_warning(tmp_path):
     write_video(tmp_path / "colour.mp4", 12)
     grey = np.random.default_rng(1).integers(0, 256, (12, 32, 48, 1), dtype=np.uint8).repeat(3, axis=3)
