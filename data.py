@@ -321,6 +321,9 @@ class ClipDataset(torch.utils.data.Dataset):
     in_memory=True decodes every video once, at construction, into uint8 frames at the training size (the
     resized frames are rounded to 8 bits), so that a fast GPU never waits on video decoding; it costs
     3 x size^2 bytes per frame of the whole set.
+
+    With `crop` and min_scale < 1, each sample is zoomed out by s drawn uniformly from [min_scale, 1]: a window of
+    crop / s pixels is shrunk to crop x crop, so objects appear at s times the scale of `size`.
     """
 
     def __init__(self, root: Union[str, Path], num_frames: int = 3, frame_gap: int = 4, size: int = 256,
@@ -334,7 +337,8 @@ class ClipDataset(torch.utils.data.Dataset):
         if crop > size:
             raise ValueError(f"a {crop}x{crop} crop does not fit in frames {size} pixels on their short side")
         if not 0 < min_scale <= 1 or (min_scale < 1 and not crop):
-            raise ValueError(f"min_scale {min_scale}: must be in (0, 1], and below 1 only with a crop (it zooms out of one)")
+            raise ValueError(f"min_scale {min_scale}: must be in (0, 1], and below 1 only with a crop "
+                             "(it zooms out of one)")
         self.num_frames, self.frame_gap, self.size, self.jitter_p = num_frames, frame_gap, size, jitter_p
         self.seed, self.crop, self.sampling, self.min_scale = seed, crop, sampling, min_scale
         self.span = (num_frames - 1) * frame_gap + 1  # frames a clip covers: 9 for CorrFlow's (0, 4, 8)
