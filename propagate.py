@@ -12,7 +12,8 @@ the top-k of them by score (`kernels.local_attention`). Only the references are 
 the video's length. The logits are <q, k> / T of the model's features (raw, or L2-normalised), -|q - k|^2 / T of
 Lab colour, or the sum of the two (`model+lab`). `--protocol corrflow` is the paper's protocol (previous frame only,
 its hard argmax fed back, radius 6, raw dot products); the default is the best setting measured on DAVIS (README):
-model+lab, normalised model features at temperature 0.05, top 10 of the first + 3 recent frames' candidates.
+model+lab, normalised model features at temperature 0.05, top 10 of the candidates of the first frame (radius 12)
+and the 3 most recent frames (radius 8).
 Outputs: one palette PNG per frame (00000.png ..., first frame included) or points.json, and an overlay video.
 """
 import argparse
@@ -45,8 +46,8 @@ POINT_TOPK = 5  # a point's location: probability-weighted mean of its 5 most pr
 @dataclass
 class PropagationConfig:
     features: str = "model+lab"  # "model": CorrFlow encoder from a checkpoint; "lab": raw Lab colour, no learning; "model+lab": one softmax over the sum of both logits
-    radius: int = 6  # window radius at stride 4: (2r+1)^2 = 13x13 candidates per reference (CorrFlow: 6)
-    first_radius: Optional[int] = None  # the first frame's window radius; None: `radius`
+    radius: int = 8  # window radius at stride 4: (2r+1)^2 = 17x17 candidates per reference (CorrFlow: 6)
+    first_radius: Optional[int] = 12  # the first frame's window radius (25x25); None: `radius` (CorrFlow)
     topk: int = 10  # > 0: the softmax runs over the k best-scoring candidates of all references only; 0: all of them
     temperature: Optional[float] = None  # the model features' softmax temperature; None: 1.0 (raw), NORMALIZED_TEMPERATURE (normalised)
     normalize: bool = True  # L2-normalise the model's features, so that logits are cosines / temperature (CorrFlow: no)
@@ -59,8 +60,9 @@ class PropagationConfig:
 
 PROTOCOLS = {
     # the best measured on DAVIS (README, chosen on half A): the model's normalised features plus Lab colour, top 10 of
-    # the first + 3 recent frames' candidates, soft labels; J&F A 0.632 / B 0.676 with the shipped checkpoint
-    "default": dict(features="model+lab", radius=6, first_radius=None, topk=10, use_first=True, num_recent=3,
+    # the candidates of the first frame (radius 12) and 3 recent frames (radius 8), soft labels; J&F A 0.657 / B 0.719
+    # with the shipped checkpoint
+    "default": dict(features="model+lab", radius=8, first_radius=12, topk=10, use_first=True, num_recent=3,
                     soft_labels=True, normalize=True),
     # Lai & Xie 2019: the model's features, raw dot products (temperature 1), previous frame only, its hard argmax,
     # radius 6, all candidates
@@ -509,15 +511,16 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
 def add_propagation_args(parser: argparse.ArgumentParser) -> None:
     """Propagation options: --protocol picks a preset; the other flags, when given, override it."""
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="default",
-                        help="default: model+lab features, top 10 of the first + 3 recent frames' candidates, soft "
-                             "labels; corrflow: the paper's (model features, previous frame, hard labels, radius 6)")
+                        help="default: model+lab features, top 10 of the candidates of the first frame (radius 12) "
+                             "and 3 recent frames (radius 8), soft labels; corrflow: the paper's (model features, "
+                             "previous frame, hard labels, radius 6)")
     parser.add_argument("--features", choices=FEATURES,
                         help="model: the CorrFlow encoder; lab: raw Lab colour, no learning; model+lab: one softmax "
                              "over the sum of both logits (preset: model+lab; corrflow: model)")
     parser.add_argument("--radius", type=cmdline.integer(0, 64),
-                        help="attention window radius at stride 4, 0..64 (preset: 6)")
+                        help="attention window radius at stride 4, 0..64 (preset: 8; corrflow: 6)")
     parser.add_argument("--first-radius", type=cmdline.integer(0, 64),
-                        help="the first frame's window radius, 0..64 (preset: --radius)")
+                        help="the first frame's window radius, 0..64 (preset: 12; corrflow: --radius)")
     parser.add_argument("--topk", type=cmdline.integer(0, 4096),
                         help="softmax over the k best-scoring candidates of all references only; 0: all (preset: 10; "
                              "corrflow: 0)")

@@ -344,7 +344,7 @@ def test_first_radius_topk_and_features_reach_the_op(clip, checkpoint, monkeypat
 
     orig = propagate.local_attention
     monkeypatch.setattr(propagate, "local_attention", spy)
-    cfg = PropagationConfig(features="model+lab", first_radius=9, topk=7, num_recent=2, normalize=True)
+    cfg = PropagationConfig(features="model+lab", radius=6, first_radius=9, topk=7, num_recent=2, normalize=True)
     rgb = [np.array(Image.open(p)) for p in sorted(frames_dir.glob("*.jpg"))]
     list(propagate_masks(rgb, read_png(mask), cfg, load_encoder(checkpoint, "model+lab", CPU), CPU))
     assert seen == [(64 + 4, [9], 1.0, 7), (68, [9, 6], 1.0, 7), (68, [9, 6, 6], 1.0, 7)]
