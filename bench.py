@@ -414,7 +414,8 @@ def propagate_row(name, encoder, frames, mask, source, device) -> Row:
         per_frame[op] = statistics.median(times) / n
         mems.append(mem)
     cell = {op: f"{fmt_ms(ms)}/frame = {1e3 / ms:.1f} frames/s" for op, ms in per_frame.items()}
-    return Row("propagate", f"{source}: {name} features, top {cfg.topk} of first + 3 recent, radius {cfg.radius}"
+    return Row("propagate", f"{source}: {name} features, top {cfg.topk} of the first frame (radius "
+               f"{cfg.first_radius}) + {cfg.num_recent} recent (radius {cfg.radius})"
                + (" (fused: the reference, 68 fp32 channels)" if name == "model+lab" else ""), "fp32",
                cell["ref"], cell.get("fused", "n/a (needs CUDA)"),
                f"{per_frame['ref'] / per_frame['fused']:.2f}x" if cuda else "-",
