@@ -59,11 +59,10 @@ class PropagationConfig:
 
 
 PROTOCOLS = {
-    # the best measured on DAVIS (README, chosen on half A): the model's normalised features plus Lab colour, top 10 of
-    # the candidates of the first frame (radius 12) and 3 recent frames (radius 8), soft labels; J&F A 0.657 / B 0.719
-    # with the shipped checkpoint
-    "default": dict(features="model+lab", radius=8, first_radius=12, topk=10, use_first=True, num_recent=3,
-                    soft_labels=True, normalize=True),
+    # PropagationConfig's own values, the best measured on DAVIS (README, chosen on half A): the model's normalised
+    # features plus Lab colour, top 10 of the candidates of the first frame (radius 12) and 3 recent frames (radius 8),
+    # soft labels; J&F A 0.657 / B 0.719 with the shipped checkpoint
+    "default": dict(),
     # Lai & Xie 2019: the model's features, raw dot products (temperature 1), previous frame only, its hard argmax,
     # radius 6, all candidates
     "corrflow": dict(features="model", radius=6, first_radius=None, topk=0, use_first=False, num_recent=1,
