@@ -13,7 +13,8 @@ the video's length. The logits are <q, k> / T of the model's features (raw, or L
 Lab colour, or the sum of the two (`model+lab`). `--protocol corrflow` is the paper's protocol (previous frame only,
 its hard argmax fed back, radius 6, raw dot products); the default is the best setting measured on DAVIS (README):
 model+lab, normalised model features at temperature 0.05, top 10 of the candidates of the first frame (radius 12)
-and the 3 most recent frames (radius 8).
+and the 3 most recent frames (radius 8). On a GPU the references are kept in fp16, which the fused kernels multiply
+exactly and sum in fp32 (`--precision`).
 Outputs: one palette PNG per frame (00000.png ..., first frame included) or points.json, and an overlay video.
 """
 import argparse
@@ -56,6 +57,7 @@ class PropagationConfig:
     num_recent: int = 3  # N most recent frames, with their predicted labels, as references (CorrFlow: 1)
     soft_labels: bool = True  # feed back probabilities; False: the full-resolution argmax (CorrFlow)
     scale: float = 1.0  # frames are encoded at this fraction of their size (0.5: about 4x fewer encoder FLOPs and a window covering twice the motion); masks and points are still written at full size
+    precision: str = "auto"  # what references are kept and compared in: "fp16" (the fused op's fp32 products and sums of 16-bit inputs), "fp32", or "auto": fp16 on a GPU, fp32 on the CPU
 
 
 PROTOCOLS = {
@@ -104,11 +106,13 @@ NORMALIZED_TEMPERATURE = 0.05  # the model's temperature when its features are L
 
 
 def lab_features(rgb: torch.Tensor) -> torch.Tensor:
-    """RGB (B, 3, H, W) -> Lab averaged over 4x4 cells as (w L/100, a/128, b/128), w = LAB_LIGHTNESS_WEIGHT: one
-    unit of L weighs as much as one unit of a or b when w = 128/100."""
+    """RGB (B, 3, H, W) -> Lab averaged over 4x4 cells as (w (L/100 - 1/2), a/128, b/128), w = LAB_LIGHTNESS_WEIGHT:
+    one unit of L weighs as much as one unit of a or b when w = 128/100. Centred on mid-grey, which leaves every
+    distance as it is and keeps the terms of -|q - k|^2 small, so that fp16 references round them less."""
     lab = rgb_to_lab(rgb)  # (B, 3, H, W): L in [0, 100], a and b in about [-128, 127]
     scale = torch.tensor([LAB_LIGHTNESS_WEIGHT / 100, 1 / 128, 1 / 128], device=rgb.device).view(1, 3, 1, 1)
-    return F.avg_pool2d(lab * scale, STRIDE)  # (B, 3, H/4, W/4)
+    grey = torch.tensor([LAB_LIGHTNESS_WEIGHT / 2, 0, 0], device=rgb.device).view(1, 3, 1, 1)
+    return F.avg_pool2d(lab * scale, STRIDE) - grey  # (B, 3, H/4, W/4)
 
 
 def load_encoder(checkpoint: Optional[str | Path], features: Optional[str], device: torch.device) -> list[Encoder]:
@@ -164,6 +168,20 @@ def to_frame(probs: torch.Tensor, H: int, W: int, scale: float) -> torch.Tensor:
     return full if (h, w) == (H, W) else F.interpolate(full, size=(H, W), mode="bilinear", align_corners=False)
 
 
+PRECISIONS = ("auto", "fp16", "fp32")
+
+
+def storage_dtype(cfg: PropagationConfig, device: torch.device) -> torch.dtype:
+    """The dtype references are kept and compared in. fp16 on a GPU: the fused kernels take model+lab's 68
+    channels only in 16 bits (fp32 above 64 channels spills registers), and fp16's 11 mantissa bits leave the
+    measured J&F unchanged (README); bf16's 8 would not do for Lab's squared distances at temperature 0.0007."""
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision '{cfg.precision}' (choose {', '.join(PRECISIONS)})")
+    if cfg.precision == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    return torch.float16 if cfg.precision == "fp16" else torch.float32
+
+
 def temperatures(cfg: PropagationConfig, encoders: list[Encoder]) -> list[float]:
     """The softmax temperature of each encoder's logits: Lab's (squared distances) and the model's."""
     if cfg.temperature is not None and all(e.squared_distance for e in encoders):
@@ -181,18 +199,29 @@ def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: to
     if cfg.num_recent < (0 if cfg.use_first else 1):
         raise ValueError("no references: keep the first frame or use --num-recent of at least 1")
     temps = temperatures(cfg, encoders)
+    dtype = storage_dtype(cfg, device)
+    # the op's inputs: on a GPU the stored dtype itself (the fused kernels multiply 16-bit values exactly and sum in
+    # fp32); on the CPU fp32, which computes the same from the rounded values
+    op_dtype = dtype if device.type != "cpu" else torch.float32
 
     def encode(frame: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(query, key) whose dot product is the summed logits of every encoder: each query divided by its
-        temperature, the parts concatenated along channels."""
+        temperature, the parts concatenated along channels; both rounded to the stored dtype."""
         rgb = to_tensor(frame, device, cfg.scale)
         pairs = [e(rgb, cfg.normalize) for e in encoders]
-        return torch.cat([q / t for (q, _), t in zip(pairs, temps)], 1), torch.cat([k for _, k in pairs], 1)
+        query = torch.cat([q / t for (q, _), t in zip(pairs, temps)], 1).to(dtype)
+        key = torch.cat([k for _, k in pairs], 1).to(dtype)
+        # a value past fp16's range became inf (meta tensors, which the compile check runs, hold no values)
+        if dtype == torch.float16 and not query.is_meta and (query.isinf().any() or key.isinf().any()):
+            raise ValueError("features divided by their temperature exceed fp16's range (65504): use a higher "
+                             "temperature or --precision fp32")
+        return query, key
 
     nxt = next(frames, None)  # look one frame ahead so that a one-frame video fails before any output
     if nxt is None:
         raise ValueError("the video has a single frame: nothing to propagate")
     _, first_key = encode(first)  # (1, C, h, w)
+    first_labels = first_labels.to(dtype)
     recent = deque(maxlen=cfg.num_recent)  # (key (1, C, h, w), labels (1, K, h, w)) of the last N frames
     if not cfg.use_first:
         recent.append((first_key, first_labels))
@@ -207,9 +236,10 @@ def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: to
         ref_labels = torch.stack([v for _, v in refs], 1)  # (1, R, K, h, w)
         first_radius = cfg.radius if cfg.first_radius is None else cfg.first_radius
         radii = [first_radius] * cfg.use_first + [cfg.radius] * len(recent)
-        probs = local_attention(query, ref_keys, ref_labels, radii, 1.0, cfg.topk)  # (1, K, h, w)
+        probs = local_attention(*(t.to(op_dtype) for t in (query, ref_keys, ref_labels)), radii, 1.0,
+                                cfg.topk).float()  # (1, K, h, w)
         if cfg.num_recent > 0:
-            recent.append((key, probs if cfg.soft_labels else hard_labels(probs)))
+            recent.append((key, (probs if cfg.soft_labels else hard_labels(probs)).to(dtype)))
         yield probs
 
 
@@ -535,6 +565,9 @@ def add_propagation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-first", action="store_true", help="do not keep the first frame as a reference")
     parser.add_argument("--hard-labels", action="store_true",
                         help="feed back the argmax (taken at full resolution), not probabilities")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="what the references are kept and compared in: fp16 (fp32 sums of 16-bit values), fp32; "
+                             "auto: fp16 on a GPU, fp32 on the CPU (default: auto)")
     parser.add_argument("--scale", type=cmdline.real(0.1, 1),
                         help="encode frames at this fraction of their size, 0.1..1 (about scale^2 of the time); "
                              "outputs stay at full size (default: 1)")
@@ -546,7 +579,7 @@ def config_from_args(args: argparse.Namespace) -> PropagationConfig:
     for field, value in (("features", args.features), ("radius", args.radius), ("first_radius", args.first_radius), ("topk", args.topk),
                          ("num_recent", args.num_recent), ("normalize", args.normalize),
                          ("temperature", args.temperature), ("lab_temperature", args.lab_temperature),
-                         ("scale", args.scale)):
+                         ("scale", args.scale), ("precision", args.precision)):
         if value is not None:
             cfg = replace(cfg, **{field: value})
     cfg = replace(cfg, use_first=False) if args.no_first else cfg

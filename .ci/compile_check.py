@@ -13,8 +13,8 @@ strides and dtypes without memory or arithmetic) with the op's launcher replaced
   recipe's 128-pixel crops, scheduled sampling on and off.
 - propagate: `propagate._propagate` itself at real frame sizes (DAVIS 480p, the 428x240 demo, 1080p, an odd width,
   each at scale 1 and 0.5), the presets and the options that change a launch (20 recent frames, the first frame's
-  radius 12, top-k off), model, Lab and model+Lab features, 1 and 15 objects; what the dispatch sends to the
-  reference (fp32 features of more than 64 channels) is not launched and not compiled.
+  radius 12, top-k off, fp32 references instead of fp16), model, Lab and model+Lab features, 1 and 15 objects; what
+  the dispatch sends to the reference (fp32 features of more than 64 channels) is not launched and not compiled.
 - gpu test: the `gpu` tests' fp32 shapes (tests/test_kernels.py, GPU_SHAPES), forward and backward.
 The argument specialisation (an integer equal to 1 becomes a constant, pointers and integers that are multiples of
 16 get alignment hints) comes from Triton's own launch binder applied to the recorded arguments, so the check
@@ -153,8 +153,8 @@ def _train_launches():
 
 
 def _propagate_launches():
-    """propagate.py's loop on CUDA (fp32, inference mode) at real frame sizes, its presets and the options that
-    change a launch, every feature type, 1 and 15 objects."""
+    """propagate.py's loop on CUDA (fp16 references, and fp32 with --precision fp32; inference mode) at real frame
+    sizes, its presets and the options that change a launch, every feature type, 1 and 15 objects."""
     import numpy as np
     import torch
 
@@ -173,7 +173,7 @@ def _propagate_launches():
     encoders = {"model": propagate.Encoder(once_per_shape(CorrFlow().to(META).eval()), squared_distance=False),
                 "lab": propagate.Encoder(once_per_shape(propagate.lab_features), squared_distance=True)}
     variants = {"": {}, "20 recent": dict(num_recent=20), "first radius 12": dict(first_radius=12),
-                "all candidates": dict(topk=0)}
+                "all candidates": dict(topk=0), "fp32": dict(precision="fp32")}
     out = []
     for (H, W), scale in [((480, 854), 1), ((480, 854), 0.5), ((240, 428), 1), ((1080, 1920), 1),
                           ((1080, 1920), 0.5), ((480, 853), 1)]:

@@ -83,6 +83,23 @@ def test_triton_16bit_tile_shapes_match_reference(shape, monkeypatch):
         torch.testing.assert_close(g, g_ref, atol=atol, rtol=rtol)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("topk", [0, 10])
+def test_triton_fp16_propagation_matches_fp32_reference_of_its_values(topk):
+    """What propagation runs on a GPU: fp16 queries, references and labels, model+lab's 68 channels (padded to 128),
+    the first frame's wider window, no gradient. The kernels multiply the fp16 values exactly and sum in fp32; only
+    the probabilities (rounded to fp16 before weighting the labels) and the fp16 output differ from the fp32
+    reference on the same values."""
+    q, r, _ = make_inputs(1, 3, 68, 2, 9, 13)
+    v = torch.softmax(torch.randn(1, 3, 2, 9, 13, generator=torch.Generator().manual_seed(1)), 2)
+    q, r, v = (t.detach().half() for t in (q, r, v))
+    with torch.inference_mode():
+        out = local_attention_triton(q, r, v, [3, 2, 2], 4.0, topk)
+        out_ref = local_attention_ref(q.float(), r.float(), v.float(), [3, 2, 2], 4.0, topk)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), out_ref, atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.interpreter),
                                     pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_triton_non_contiguous_inputs(device):

@@ -360,3 +360,34 @@ def test_temperature_of_lab_is_its_own_flag():
     assert (cfg.lab_temperature, cfg.topk, cfg.first_radius, cfg.normalize) == (0.002, 10, 12, True)
     with pytest.raises(ValueError, match="lab_temperature"):
         propagate.temperatures(PropagationConfig(features="lab", temperature=0.1), load_encoder(None, "lab", CPU))
+
+
+def test_fp16_references_are_rounded_and_change_little(shared_data, tmp_path, monkeypatch):
+    """--precision fp16 (what a GPU runs): queries, keys and labels are rounded to fp16 (on the CPU the op then
+    computes in fp32 from the rounded values, as the kernels sum 16-bit products in fp32); masks barely move."""
+    size = (427, 240)
+    frames = copy_clip(shared_data, "blackswan", 4, tmp_path / "blackswan", size=size)
+    first = read_png(annotation(shared_data, "blackswan", 0, size))
+    rgb = [np.array(Image.open(p)) for p in sorted(frames.glob("*.jpg"))]
+    encoders = load_encoder(None, "model+lab", CPU)
+    inputs = []
+
+    def spy(query, refs, values, radius, temperature, topk):
+        inputs.append((query, refs, values))
+        return orig(query, refs, values, radius, temperature, topk)
+
+    orig = propagate.local_attention
+    monkeypatch.setattr(propagate, "local_attention", spy)
+    masks = {p: list(propagate_masks(rgb, first, PropagationConfig(precision=p), encoders, CPU))
+             for p in ("fp32", "fp16")}
+    for t in (t for q_k_v in inputs[3:] for t in q_k_v):  # the fp16 run's calls
+        assert t.dtype == torch.float32 and torch.equal(t, t.half().float())
+    assert not all(torch.equal(t, t.half().float()) for t in inputs[0])  # fp32's are not rounded
+    for a, b in zip(masks["fp32"][1:], masks["fp16"][1:]):
+        assert (a != b).mean() < 0.005 and (b > 0).sum() > 1000
+    with pytest.raises(ValueError, match="fp16's range"):
+        list(propagate_masks(rgb, first, PropagationConfig(precision="fp16", lab_temperature=1e-5), encoders, CPU))
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        list(propagate_masks(rgb, first, PropagationConfig(precision="fp8"), encoders, CPU))
+    assert propagate.storage_dtype(PropagationConfig(), torch.device("cuda")) == torch.float16
+    assert propagate.storage_dtype(PropagationConfig(), CPU) == torch.float32
