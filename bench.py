@@ -414,9 +414,9 @@ def propagate_row(name, encoder, frames, mask, source, device) -> Row:
         per_frame[op] = statistics.median(times) / n
         mems.append(mem)
     cell = {op: f"{fmt_ms(ms)}/frame = {1e3 / ms:.1f} frames/s" for op, ms in per_frame.items()}
+    dtype = {torch.float16: "fp16", torch.float32: "fp32"}[propagate_module.storage_dtype(cfg, device)]
     return Row("propagate", f"{source}: {name} features, top {cfg.topk} of the first frame (radius "
-               f"{cfg.first_radius}) + {cfg.num_recent} recent (radius {cfg.radius})"
-               + (" (fused: the reference, 68 fp32 channels)" if name == "model+lab" else ""), "fp32",
+               f"{cfg.first_radius}) + {cfg.num_recent} recent (radius {cfg.radius})", dtype,
                cell["ref"], cell.get("fused", "n/a (needs CUDA)"),
                f"{per_frame['ref'] / per_frame['fused']:.2f}x" if cuda else "-",
                fmt_mem(mems + [None] * (not cuda)), "each frame encoded once, then copied; decoding excluded")
@@ -445,7 +445,7 @@ def bench_propagate(device, quick, davis, checkpoint):
     encoders["lab"] = load_encoder(None, "lab", device)
     encoders["model+lab"] = next(iter(encoders.values())) + encoders["lab"]  # the default: one softmax over both
     for name, encoder in encoders.items():
-        yield from guarded("propagate", f"{source}: {name} features", "fp32",
+        yield from guarded("propagate", f"{source}: {name} features", "fp16" if cuda else "fp32",
                         lambda: [propagate_row(name, encoder, frames, mask, source, device)])
 
 
