@@ -58,6 +58,13 @@ def read_png(img) -> np.ndarray:
     return np.array(img if isinstance(img, Image.Image) else Image.open(img))
 
 
+def blackswan_frames(shared_data: Path, n: int, tmp_path: Path, size=(427, 240)) -> tuple[list, np.ndarray]:
+    """The first n frames of blackswan, resized and saved as JPEGs, as RGB arrays; and the first mask."""
+    frames = copy_clip(shared_data, "blackswan", n, tmp_path / "blackswan", size=size)
+    first = read_png(annotation(shared_data, "blackswan", 0, size))
+    return [np.array(Image.open(p)) for p in sorted(frames.glob("*.jpg"))], first
+
+
 def test_end_to_end_random_model(clip, checkpoint, tmp_path):
     frames, mask = clip
     out = main(frames, mask, tmp_path / "out", PropagationConfig(), checkpoint, "cpu")
@@ -140,22 +147,16 @@ def test_points_on_dog(shared_data, tmp_path):
 
 
 def test_lab_baseline_keeps_the_object(shared_data, tmp_path):
-    size = (427, 240)
-    frames = copy_clip(shared_data, "blackswan", 4, tmp_path / "blackswan", size=size)
-    first = read_png(annotation(shared_data, "blackswan", 0, size))
+    rgb, first = blackswan_frames(shared_data, 4, tmp_path)
     encoder = load_encoder(None, "lab", CPU)
     cfg = PropagationConfig(features="lab", num_recent=1)
-    rgb = [np.array(Image.open(p)) for p in sorted(frames.glob("*.jpg"))]
     pred = list(propagate_masks(rgb, first, cfg, encoder, CPU))[3] > 0
-    gt = read_png(annotation(shared_data, "blackswan", 3, size)) > 0
+    gt = read_png(annotation(shared_data, "blackswan", 3, (427, 240))) > 0
     assert (pred & gt).sum() / (pred | gt).sum() > 0.5
 
 
 def test_scale_encodes_smaller_and_writes_full_size(shared_data, tmp_path):
-    size = (427, 240)
-    frames = copy_clip(shared_data, "blackswan", 3, tmp_path / "blackswan", size=size)
-    first = read_png(annotation(shared_data, "blackswan", 0, size))
-    rgb = [np.array(Image.open(p)) for p in sorted(frames.glob("*.jpg"))]
+    rgb, first = blackswan_frames(shared_data, 3, tmp_path)
     encoder = load_encoder(None, "lab", CPU)
     seen = []
     real = encoder[0].embed
@@ -163,7 +164,7 @@ def test_scale_encodes_smaller_and_writes_full_size(shared_data, tmp_path):
     full, half = (list(propagate_masks(rgb, first, PropagationConfig(features="lab", scale=s), encoder, CPU))
                   for s in (1.0, 0.5))
     assert seen[0] == (240, 428) and seen[-1] == (120, 216)  # 213.5 -> 214, padded to 216
-    gt = read_png(annotation(shared_data, "blackswan", 2, size)) > 0
+    gt = read_png(annotation(shared_data, "blackswan", 2, (427, 240))) > 0
     for pred in (full[2], half[2]):
         assert pred.shape == (240, 427) and ((pred > 0) & gt).sum() / ((pred > 0) | gt).sum() > 0.6
     # points: encoded at half size, written in the frame's pixels
@@ -365,10 +366,7 @@ def test_temperature_of_lab_is_its_own_flag():
 def test_fp16_references_are_rounded_and_change_little(shared_data, tmp_path, monkeypatch):
     """--precision fp16 (what a GPU runs): queries, keys and labels are rounded to fp16 (on the CPU the op then
     computes in fp32 from the rounded values, as the kernels sum 16-bit products in fp32); masks barely move."""
-    size = (427, 240)
-    frames = copy_clip(shared_data, "blackswan", 4, tmp_path / "blackswan", size=size)
-    first = read_png(annotation(shared_data, "blackswan", 0, size))
-    rgb = [np.array(Image.open(p)) for p in sorted(frames.glob("*.jpg"))]
+    rgb, first = blackswan_frames(shared_data, 4, tmp_path)
     encoders = load_encoder(None, "model+lab", CPU)
     inputs = []
 
