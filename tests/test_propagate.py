@@ -359,6 +359,7 @@ def test_temperature_of_lab_is_its_own_flag():
     cfg = propagate.config_from_args(parser.parse_args(["--features", "model+lab", "--lab-temperature", "0.002",
                                                         "--topk", "10", "--first-radius", "12", "--normalize"]))
     assert (cfg.lab_temperature, cfg.topk, cfg.first_radius, cfg.normalize) == (0.002, 10, 12, True)
+    assert propagate.config_from_args(parser.parse_args(["--precision", "fp16"])).precision == "fp16"
     with pytest.raises(ValueError, match="lab_temperature"):
         propagate.temperatures(PropagationConfig(features="lab", temperature=0.1), load_encoder(None, "lab", CPU))
 
