@@ -13,8 +13,9 @@ strides and dtypes without memory or arithmetic) with the op's launcher replaced
   recipe's 128-pixel crops, scheduled sampling on and off.
 - propagate: `propagate._propagate` itself at real frame sizes (DAVIS 480p, the 428x240 demo, 1080p, an odd width,
   each at scale 1 and 0.5), the presets and the options that change a launch (20 recent frames, the first frame's
-  radius 12, top-k off, fp32 references instead of fp16), model, Lab and model+Lab features, 1 and 15 objects; what
-  the dispatch sends to the reference (fp32 features of more than 64 channels) is not launched and not compiled.
+  radius 12, top-k off), model, Lab and model+Lab features, fp16 references (the default on a GPU) and fp32 ones,
+  1 and 15 objects; what the dispatch sends to the reference (fp32 features of more than 64 channels) is not
+  launched and not compiled.
 - gpu test: the `gpu` tests' fp32 shapes (tests/test_kernels.py, GPU_SHAPES), forward and backward.
 The argument specialisation (an integer equal to 1 becomes a constant, pointers and integers that are multiples of
 16 get alignment hints) comes from Triton's own launch binder applied to the recorded arguments, so the check
@@ -173,13 +174,14 @@ def _propagate_launches():
     encoders = {"model": propagate.Encoder(once_per_shape(CorrFlow().to(META).eval()), squared_distance=False),
                 "lab": propagate.Encoder(once_per_shape(propagate.lab_features), squared_distance=True)}
     variants = {"": {}, "20 recent": dict(num_recent=20), "first radius 12": dict(first_radius=12),
-                "all candidates": dict(topk=0), "fp32": dict(precision="fp32")}
+                "all candidates": dict(topk=0)}
     out = []
     for (H, W), scale in [((480, 854), 1), ((480, 854), 0.5), ((240, 428), 1), ((1080, 1920), 1),
                           ((1080, 1920), 0.5), ((480, 853), 1)]:
-        for preset, variant, features in [(p, v, f) for p in propagate.PROTOCOLS for v in variants
-                                          for f in propagate.FEATURES]:
-            settings = dict(propagate.PROTOCOLS[preset], **variants[variant], features=features, scale=scale)
+        for preset, variant, features, precision in [(p, v, f, d) for p in propagate.PROTOCOLS for v in variants
+                                                     for f in propagate.FEATURES for d in ("fp16", "fp32")]:
+            settings = dict(propagate.PROTOCOLS[preset], **variants[variant], features=features, scale=scale,
+                            precision=precision)
             cfg = dataclasses.replace(propagate.PropagationConfig(), **settings)
             for objects in (1, 15):
                 n_frames = cfg.num_recent + 2  # every reference slot filled
@@ -192,7 +194,8 @@ def _propagate_launches():
                                                   [encoders[f] for f in features.split("+")], torch.device(META)):
                         pass
                 out.append((f"propagate {features}", dict(size=f"{W}x{H}", scale=scale, preset=preset,
-                                                          variant=variant or "-", K=objects + 1), launches))
+                                                          variant=variant or "-", K=objects + 1,
+                                                          precision=precision), launches))
     return out
 
 
