@@ -391,9 +391,9 @@ def bench_train(device, dtypes, quick, data, workers):
 # Part 3: 480p propagation
 
 
-def propagate_row(name, encoder, frames, mask, source, device) -> Row:
+def propagate_row(name, encoder, frames, mask, source, device, dtype: str) -> Row:
     """propagate.py's default settings with these features, timed over the frames with the reference op and (on
-    CUDA) the fused one."""
+    CUDA) the fused one; `dtype` names what propagate.py keeps its references in on this device."""
     cuda = device.type == "cuda"
     ops = ("ref", "fused") if cuda else ("ref",)
     n = len(frames)
@@ -414,7 +414,6 @@ def propagate_row(name, encoder, frames, mask, source, device) -> Row:
         per_frame[op] = statistics.median(times) / n
         mems.append(mem)
     cell = {op: f"{fmt_ms(ms)}/frame = {1e3 / ms:.1f} frames/s" for op, ms in per_frame.items()}
-    dtype = {torch.float16: "fp16", torch.float32: "fp32"}[propagate_module.storage_dtype(cfg, device)]
     return Row("propagate", f"{source}: {name} features, top {cfg.topk} of the first frame (radius "
                f"{cfg.first_radius}) + {cfg.num_recent} recent (radius {cfg.radius})", dtype,
                cell["ref"], cell.get("fused", "n/a (needs CUDA)"),
@@ -444,9 +443,11 @@ def bench_propagate(device, quick, davis, checkpoint):
         encoders = {"model (random init)": [Encoder(CorrFlow().eval().to(device), squared_distance=False)]}
     encoders["lab"] = load_encoder(None, "lab", device)
     encoders["model+lab"] = next(iter(encoders.values())) + encoders["lab"]  # the default: one softmax over both
+    stored = propagate_module.storage_dtype(PropagationConfig(), device)
+    dtype = {torch.float16: "fp16", torch.float32: "fp32"}[stored]
     for name, encoder in encoders.items():
-        yield from guarded("propagate", f"{source}: {name} features", "fp16" if cuda else "fp32",
-                        lambda: [propagate_row(name, encoder, frames, mask, source, device)])
+        yield from guarded("propagate", f"{source}: {name} features", dtype,
+                        lambda: [propagate_row(name, encoder, frames, mask, source, device, dtype)])
 
 
 # ----------------------------------------------------------------------------------------------------------------

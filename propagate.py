@@ -212,7 +212,7 @@ def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: to
         query = torch.cat([q / t for (q, _), t in zip(pairs, temps)], 1).to(dtype)
         key = torch.cat([k for _, k in pairs], 1).to(dtype)
         # a value past fp16's range became inf (meta tensors, which the compile check runs, hold no values)
-        if dtype == torch.float16 and not query.is_meta and (query.isinf().any() or key.isinf().any()):
+        if dtype == torch.float16 and not query.is_meta and (query.isinf().any() | key.isinf().any()):  # one sync
             raise ValueError("features divided by their temperature exceed fp16's range (65504): use a higher "
                              "temperature or --precision fp32")
         return query, key
