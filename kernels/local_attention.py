@@ -22,8 +22,10 @@ Two implementations with the same signature:
 spill registers: the reference, with a warning), the reference otherwise.
 """
 import math
+import re
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -548,15 +550,29 @@ def _check_launch_limits(query, refs, values):
                          f"(at most {MAX_GRID_Y}); split the batch into several calls")
 
 
+def _check_interpreter(query):
+    """Triton 3.6's CPU interpreter passes a launch's integer arguments as one-element arrays and converts them with
+    int(), which NumPy 2.4 refuses for arrays of one dimension (Triton 3.7 squeezes them first): every launch would
+    fail inside the kernel, so say what to install instead, in one line."""
+    def version(v):
+        return tuple(int(n) for n in re.findall(r"\d+", v)[:2])
+
+    if query.device.type == "cpu" and version(triton.__version__) < (3, 7) and version(np.__version__) >= (2, 4):
+        raise RuntimeError(f"Triton {triton.__version__}'s CPU interpreter cannot run with NumPy {np.__version__}: "
+                           "install numpy<2.4 or triton>=3.7")
+
+
 def local_attention_triton(query, refs, values, radius, temperature=1.0, topk=0):
     """Fused Triton restricted attention, forward and backward; same signature and result as the reference.
 
-    Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, fp32/fp16 only).
+    Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, fp32/fp16 only; with
+    Triton 3.6 it needs NumPy < 2.4, and says so in a RuntimeError).
     Saved for the backward: query, refs, values, the output and a (B, H, W) fp32 log-sum-exp. Offsets are 32-bit and
     the batch (times R) is a grid axis: inputs of 2^31 elements or more, or B x R above 65535, raise ValueError.
     """
     _check(query, refs, values, radius, temperature, topk)
     _check_launch_limits(query, refs, values)
+    _check_interpreter(query)
     R = refs.shape[1]
     n_candidates = sum((2 * r + 1) ** 2 for r in radii(radius, R))
     topk = 0 if topk >= n_candidates else topk  # at least every candidate: the plain softmax

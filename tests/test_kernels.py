@@ -259,6 +259,26 @@ def test_fused_op_refuses_inputs_past_its_launch_limits():
         local_attention_triton(wide, meta(2, 1, 1, 1, 1), meta(2, 1, 1, 1, 1), 1)
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, runs", [
+    ("3.6.0", "2.4.0", False), ("3.6.0", "2.3.5", True), ("3.7.0", "2.4.6", True)])
+def test_an_interpreter_that_cannot_run_the_kernels_is_named_in_one_line(triton_version, numpy_version, runs,
+                                                                         monkeypatch):
+    # Triton 3.6's interpreter converts one-element arrays with int(), which NumPy 2.4 refuses
+    la = importlib.import_module("kernels.local_attention")
+    monkeypatch.setattr(la.triton, "__version__", triton_version)
+    monkeypatch.setattr(la.np, "__version__", numpy_version)
+    cpu = torch.zeros(1, 4, 3, 3)
+    if runs:
+        la._check_interpreter(cpu)
+        la._check_interpreter(cpu.to("meta"))  # meta tensors stand for CUDA ones: no interpreter
+    else:
+        with pytest.raises(RuntimeError) as info:
+            local_attention_triton(cpu, cpu[:, None], cpu[:, None, :2], 1)
+        assert str(info.value) == (f"Triton {triton_version}'s CPU interpreter cannot run with NumPy "
+                                   f"{numpy_version}: install numpy<2.4 or triton>=3.7")
+        la._check_interpreter(cpu.to("meta"))
+
+
 # ---------------------------------------------------------------------------------------------- GPU only
 
 
