@@ -12,6 +12,7 @@ propagation are timed with time.perf_counter around CUDA-synchronised sections, 
 the median of a few perf_counter repetitions after one warm-up run.
 """
 import argparse
+import copy
 import ctypes
 import itertools
 import os
@@ -32,9 +33,9 @@ import model as model_module
 import propagate as propagate_module
 from data import ClipDataset, RunBatches, read_frames
 from kernels import local_attention_ref
-from model import CorrFlow
-from propagate import Encoder, PropagationConfig, load_encoder, propagate_masks, read_mask
-from train import TrainConfig, colour_dropout, colour_targets, colourise, encode, nll
+from model import CorrFlow, encode, load_checkpoint
+from propagate import PropagationConfig, load_encoder, net_encoder, propagate_masks, read_mask
+from train import TrainConfig, colour_dropout, colour_targets, colourise, nll
 
 PARTS = ("kernel", "train", "propagate")
 MiB = 2**20
@@ -391,13 +392,14 @@ def bench_train(device, dtypes, quick, data, workers):
 # Part 3: 480p propagation
 
 
-def propagate_row(name, encoder, frames, mask, source, device, dtype: str) -> Row:
+def propagate_row(features, name, encoder, frames, mask, source, device, dtype: str) -> Row:
     """propagate.py's default settings with these features, timed over the frames with the reference op and (on
-    CUDA) the fused one; `dtype` names what propagate.py keeps its references in on this device."""
+    CUDA) the fused one; `dtype` names what propagate.py keeps its references in on this device, and the
+    encoder's arithmetic."""
     cuda = device.type == "cuda"
     ops = ("ref", "fused") if cuda else ("ref",)
     n = len(frames)
-    cfg = PropagationConfig(features=name if name in ("lab", "model+lab") else "model")  # the default settings
+    cfg = PropagationConfig(features=features)  # the default settings
 
     def run(frames):  # ms; every frame's result ends in .cpu(), a sync point
         t = time.perf_counter()
@@ -437,17 +439,20 @@ def bench_propagate(device, quick, davis, checkpoint):
         mask, source = np.zeros((480, 854), np.uint8), f"{n} random 854x480 frames"
         mask[160:320, 280:560] = 1
     torch.manual_seed(0)
-    if checkpoint:
-        encoders = {f"model ({Path(checkpoint).name})": load_encoder(checkpoint, "model", device)}
-    else:
-        encoders = {"model (random init)": [Encoder(CorrFlow().eval().to(device), squared_distance=False)]}
-    encoders["lab"] = load_encoder(None, "lab", device)
-    encoders["model+lab"] = next(iter(encoders.values())) + encoders["lab"]  # the default: one softmax over both
-    stored = propagate_module.storage_dtype(PropagationConfig(), device)
-    dtype = {torch.float16: "fp16", torch.float32: "fp32"}[stored]
-    for name, encoder in encoders.items():
-        yield from guarded("propagate", f"{source}: {name} features", dtype,
-                        lambda: [propagate_row(name, encoder, frames, mask, source, device, dtype)])
+    net, model = ((load_checkpoint(checkpoint, map_location=device)[0], f"model ({Path(checkpoint).name})")
+                  if checkpoint else (CorrFlow().eval(), "model (random init)"))
+    stored = {torch.float16: "fp16", torch.float32: "fp32"}[propagate_module.storage_dtype(PropagationConfig(), device)]
+    lab = load_encoder(None, "lab", device)
+    # the encoder in fp32 and in bf16 autocast (what --precision auto runs on a GPU and on CPUs with bf16 units)
+    encoders = {precision: [net_encoder(copy.deepcopy(net), device, precision)] for precision in ("fp32", "fp16")}
+    cases = [("model", f"{model}, {enc} encoder", encoders[p], f"{stored} refs, {enc} encoder")
+             for p, enc in (("fp32", "fp32"), ("fp16", "bf16"))]
+    cases.append(("lab", "lab", lab, stored))
+    cases += [("model+lab", f"{model} + lab, {enc} encoder", encoders[p] + lab, f"{stored} refs, {enc} encoder")
+              for p, enc in (("fp32", "fp32"), ("fp16", "bf16"))]  # the default: one softmax over both
+    for features, name, encoder, dtype in cases:
+        yield from guarded("propagate", f"{source}: {name} features", dtype, lambda: [
+            propagate_row(features, name, encoder, frames, mask, source, device, dtype)])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -235,7 +235,7 @@ def propagate_davis(root: Path, out_dir: Path, sequences: list[str], args: argpa
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device in (None, "auto") else args.device)
     cfg = propagate.config_from_args(args)
-    encoder = propagate.load_encoder(args.checkpoint, cfg.features, device)
+    encoder = propagate.load_encoder(args.checkpoint, cfg.features, device, cfg.precision)
     done = [seq for seq in sequences if any((Path(out_dir) / seq).glob("*.png"))]
     if done and not getattr(args, "overwrite", False):
         raise ValueError(f"{out_dir} already holds predictions ({', '.join(done)}); pass --overwrite to replace them, "
@@ -386,12 +386,12 @@ def run_grid(root: Path, configs: dict, sequences: list[str], checkpoint, device
     import propagate
 
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device)
-    kinds = sorted({part for cfg in configs.values() for part in cfg.features.split("+")})
-    cached = {}  # "model" / "lab" -> its Encoder, embed cached
-    for kind in kinds:
-        (encoder,) = propagate.load_encoder(checkpoint, kind, dev)
+    kinds = sorted({(part, cfg.precision) for cfg in configs.values() for part in cfg.features.split("+")})
+    cached = {}  # ("model" / "lab", precision) -> its Encoder, embed cached
+    for kind, precision in kinds:
+        (encoder,) = propagate.load_encoder(checkpoint, kind, dev, precision)
         encoder.embed = CachedEmbed(encoder.embed)
-        cached[kind] = encoder
+        cached[kind, precision] = encoder
     results = {name: {} for name in configs}  # name -> {sequence: per-object scores}
     points = {name: {} for name in configs}  # name -> {sequence: {alpha: (correct, scored)}}
     seconds = {name: 0.0 for name in configs}
@@ -404,7 +404,7 @@ def run_grid(root: Path, configs: dict, sequences: list[str], checkpoint, device
         gt_points = Path(keypoints) / f"{seq}.json" if keypoints else None
         n_frames += len(frames)
         for name, cfg in configs.items():
-            encoders = [cached[kind] for kind in cfg.features.split("+")]
+            encoders = [cached[kind, cfg.precision] for kind in cfg.features.split("+")]
             t0 = time.perf_counter()
             masks = list(propagate.propagate_masks(frames, gts[0], cfg, encoders, dev))
             seconds[name] += time.perf_counter() - t0

@@ -5,6 +5,8 @@ layers 3 and 4 at stride 1, then a 3x3 conv down to 64 feature channels. Feature
 The copy step is restricted attention: every target position attends to a (2M+1)^2 window of each reference's
 features and takes the softmax-weighted sum of the references' labels (see `kernels/local_attention.py`).
 """
+import copy
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +68,37 @@ class CorrFlow(nn.Module):
         x = self.stem(rgb)  # (B, 64, H/2, W/2)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 256, H/4, W/4)
         return self.head(x)  # (B, feat_dim, H/4, W/4)
+
+
+def encode(model: CorrFlow, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """Frames (N, 3, H, W) -> features (N, feat_dim, H/4, W/4); with `bf16` the encoder runs in bf16 autocast,
+    channels-last (convert the model with `.to(memory_format=torch.channels_last)` once). On the CPU the features
+    come back in fp32: what follows them there (the reference copy, the loss) stays fp32."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        feats = model(x.contiguous(memory_format=torch.channels_last if bf16 else torch.contiguous_format))
+    return feats.float() if x.device.type == "cpu" else feats
+
+
+def bf16_faster(model: CorrFlow, size: int, backward: bool) -> tuple[bool, float, float]:
+    """Whether this CPU runs the encoder at least 10% faster in bf16 autocast (channels-last) than in fp32: both
+    timed on 2 frames of size x size (forward, and backward when `backward`), the better of 2 runs after a warm-up
+    -> (faster, fp32 seconds, bf16 seconds). CPUs with bf16 units (AVX512-BF16, AMX) run it about twice as fast,
+    on others it is emulated and slower. A few seconds."""
+    model = copy.deepcopy(model).cpu()  # the probe must not move the real model's BatchNorm statistics or layout
+    x = torch.rand(2, 3, size, size)
+    times = []
+    for bf16 in (False, True):
+        net = model.to(memory_format=torch.channels_last if bf16 else torch.contiguous_format)
+        laps = []
+        for _ in range(3):
+            t = time.perf_counter()
+            with torch.set_grad_enabled(backward):
+                feats = encode(net, x, bf16)
+                if backward:
+                    feats.sum().backward()
+            laps.append(time.perf_counter() - t)
+        times.append(min(laps[1:]))
+    return times[1] < 0.9 * times[0], times[0], times[1]
 
 
 def downsample_labels(labels: torch.Tensor) -> torch.Tensor:

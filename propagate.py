@@ -13,14 +13,16 @@ the video's length. The logits are <q, k> / T of the model's features (raw, or L
 Lab colour, or the sum of the two (`model+lab`). `--protocol corrflow` is the paper's protocol (previous frame only,
 its hard argmax fed back, radius 6, raw dot products); the default is the best setting measured on DAVIS (README):
 model+lab, normalised model features at temperature 0.05, top 10 of the candidates of the first frame (radius 12)
-and the 3 most recent frames (radius 8). On a GPU the references are kept in fp16, which the fused kernels multiply
-exactly and sum in fp32 (`--precision`).
+and the 3 most recent frames (radius 8). On a GPU the encoder runs in bf16 and the references are kept in fp16, which
+the fused kernels multiply exactly and sum in fp32; on a CPU with bf16 units the encoder runs in bf16 (`--precision`).
 Outputs: one palette PNG per frame (00000.png ..., first frame included) or points.json, and an overlay video.
 """
 import argparse
 import contextlib
+import functools
 import itertools
 import json
+import sys
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,7 +39,7 @@ import cli as cmdline  # the module; `cli` below is this file's entry point
 from data import count_frames, read_frames, rgb_to_lab
 from files import atomic_path, atomic_write
 from kernels import local_attention
-from model import STRIDE, downsample_labels, load_checkpoint
+from model import STRIDE, bf16_faster, downsample_labels, encode, load_checkpoint
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "corrflow.pt"
 POINT_SIGMA = 1.0  # std of a keypoint's Gaussian heat map, in stride-4 cells (= 4 pixels of the frame)
@@ -57,7 +59,7 @@ class PropagationConfig:
     num_recent: int = 3  # N most recent frames, with their predicted labels, as references (CorrFlow: 1)
     soft_labels: bool = True  # feed back probabilities; False: the full-resolution argmax (CorrFlow)
     scale: float = 1.0  # frames are encoded at this fraction of their size (0.5: about 4x fewer encoder FLOPs and a window covering twice the motion); masks and points are still written at full size
-    precision: str = "auto"  # what references are kept and compared in: "fp16" (the fused op's fp32 products and sums of 16-bit inputs), "fp32", or "auto": fp16 on a GPU, fp32 on the CPU
+    precision: str = "auto"  # "fp32": encoder and references in fp32; "fp16": the encoder in bf16 autocast, references kept and compared in fp16 (the fused op's fp32 products and sums of 16-bit inputs); "auto": fp16 on a GPU, and on a CPU fp32 references with the encoder in bf16 where a probe finds it 10% faster
 
 
 PROTOCOLS = {
@@ -100,9 +102,11 @@ class Encoder:
 
 
 FEATURES = ("model", "lab", "model+lab")
+PRECISIONS = ("auto", "fp16", "fp32")
 LAB_LIGHTNESS_WEIGHT = 1.0  # lightness against colour in `lab_features`: the best of a grid on DAVIS (README)
 LAB_TEMPERATURE = 0.0007  # ... and the softmax temperature of the squared distances, from the same grid
 NORMALIZED_TEMPERATURE = 0.05  # the model's temperature when its features are L2-normalised (README)
+PROBE_SIZE = 128  # --precision auto on a CPU times the encoder on 2 frames of this size in fp32 and in bf16
 
 
 def lab_features(rgb: torch.Tensor) -> torch.Tensor:
@@ -115,24 +119,40 @@ def lab_features(rgb: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(lab * scale, STRIDE) - grey  # (B, 3, H/4, W/4)
 
 
-def load_encoder(checkpoint: Optional[str | Path], features: Optional[str], device: torch.device) -> list[Encoder]:
+def load_encoder(checkpoint: Optional[str | Path], features: Optional[str], device: torch.device,
+                 precision: str = "auto") -> list[Encoder]:
     """The feature extractors: "model" (CorrFlow weights from `checkpoint`, None for the shipped one), "lab", or
-    "model+lab" (both: their logits are summed)."""
+    "model+lab" (both: their logits are summed). `precision` as PropagationConfig's (the model's encoder part)."""
     features = features or "model"
     if features not in FEATURES:
         raise ValueError(f"unknown features '{features}' (choose {', '.join(FEATURES)})")
     lab = [Encoder(lab_features, squared_distance=True)] if "lab" in features.split("+") else []
-    return ([model_encoder(checkpoint, device)] if "model" in features.split("+") else []) + lab
+    return ([model_encoder(checkpoint, device, precision)] if "model" in features.split("+") else []) + lab
 
 
-def model_encoder(checkpoint: Optional[str | Path], device: torch.device) -> Encoder:
+def model_encoder(checkpoint: Optional[str | Path], device: torch.device, precision: str = "auto") -> Encoder:
+    """The CorrFlow encoder of `checkpoint` (None: the shipped one), as `net_encoder` runs it."""
     if checkpoint is None or Path(checkpoint) == DEFAULT_CHECKPOINT:
         if not DEFAULT_CHECKPOINT.is_file():
             raise ValueError(f"{DEFAULT_CHECKPOINT.relative_to(DEFAULT_CHECKPOINT.parents[1])} not found: the trained "
                              "weights are not shipped yet; pass --checkpoint PATH or use --features lab")
         checkpoint = DEFAULT_CHECKPOINT
     model, _, _ = load_checkpoint(checkpoint, map_location=device)
-    return Encoder(model.to(device), squared_distance=False)
+    return net_encoder(model, device, precision)
+
+
+def net_encoder(model: torch.nn.Module, device: torch.device, precision: str = "auto") -> Encoder:
+    """A CorrFlow encoder (eval mode) on `device`: in bf16 autocast (channels-last) for precision "fp16", and for
+    "auto" on a GPU and on a CPU where `model.bf16_faster` finds bf16 faster (said in one line); fp32 otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
+    bf16 = precision == "fp16" or (precision == "auto" and device.type == "cuda")
+    if precision == "auto" and device.type == "cpu":
+        bf16, t32, t16 = bf16_faster(model, PROBE_SIZE, backward=False)
+        print(f"encoder on 2 frames at {PROBE_SIZE}x{PROBE_SIZE}: fp32 {t32 * 1e3:.0f} ms, bf16 {t16 * 1e3:.0f} ms: "
+              f"encoding in {'bf16' if bf16 else 'fp32'} (--precision to choose)", file=sys.stderr)
+    model = model.to(device, memory_format=torch.channels_last if bf16 else torch.contiguous_format)
+    return Encoder(functools.partial(encode, model, bf16=bf16), squared_distance=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,8 +187,6 @@ def to_frame(probs: torch.Tensor, H: int, W: int, scale: float) -> torch.Tensor:
     full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)[..., :h, :w]
     return full if (h, w) == (H, W) else F.interpolate(full, size=(H, W), mode="bilinear", align_corners=False)
 
-
-PRECISIONS = ("auto", "fp16", "fp32")
 
 
 def storage_dtype(cfg: PropagationConfig, device: torch.device) -> torch.dtype:
@@ -493,7 +511,7 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
     stem = video.stem if video.suffix else video.name
     out = out or Path(f"{stem}_{'points' if points_mode else 'masks'}")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    encoders = load_encoder(checkpoint, cfg.features, dev)
+    encoders = load_encoder(checkpoint, cfg.features, dev, cfg.precision)
     total = max(0, count_frames(video) - start)  # also fails early on a missing or unreadable video
     # the first frame's size checks the labels before anything is written
     first = next(read_frames(video, [start]), None) if total else None
@@ -566,8 +584,9 @@ def add_propagation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hard-labels", action="store_true",
                         help="feed back the argmax (taken at full resolution), not probabilities")
     parser.add_argument("--precision", choices=PRECISIONS,
-                        help="what the references are kept and compared in: fp16 (fp32 sums of 16-bit values), fp32; "
-                             "auto: fp16 on a GPU, fp32 on the CPU (default: auto)")
+                        help="fp16: the encoder in bf16, the references kept and compared in fp16 (fp32 sums of "
+                             "16-bit values); fp32: both in fp32; auto: fp16 on a GPU, and on a CPU fp32 references "
+                             "with the encoder in bf16 where a probe finds it faster (default: auto)")
     parser.add_argument("--scale", type=cmdline.real(0.1, 1),
                         help="encode frames at this fraction of their size, 0.1..1 (about scale^2 of the time); "
                              "outputs stay at full size (default: 1)")

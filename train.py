@@ -34,8 +34,8 @@ from tqdm import tqdm
 import cli as cmdline  # the module; `cli` below is this file's entry point
 from data import SAMPLINGS, ClipDataset, RunBatches, fit_centroids, quantise
 from files import FolderLock, appending, atomic_write
-from model import (CHECKPOINT_FORMAT, CorrFlow, ModelConfig, copy_labels, downsample_labels, export_weights,
-                   load_checkpoint, model_config, save_atomic)
+from model import (CHECKPOINT_FORMAT, CorrFlow, ModelConfig, bf16_faster, copy_labels, downsample_labels, encode,
+                   export_weights, load_checkpoint, model_config, save_atomic)
 from stopping import StopSignals, ignore_in_worker
 
 
@@ -138,14 +138,6 @@ def colour_targets(clean: torch.Tensor, centroids: torch.Tensor) -> tuple:
     onehot = F.one_hot(target, len(centroids)).permute(0, 3, 1, 2).float()  # (B*T, 16, H, W)
     labels = downsample_labels(onehot)  # (B*T, 16, H/4, W/4)
     return target.view(B, T, *target.shape[1:]), labels.view(B, T, *labels.shape[1:])
-
-
-def encode(model, x: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """Frames (N, 3, H, W) -> features (N, 64, H/4, W/4); with `bf16` the encoder runs in bf16 autocast,
-    channels-last. On the CPU the features come back in fp32: the reference copy and the loss stay fp32 there."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        feats = model(x.contiguous(memory_format=torch.channels_last if bf16 else torch.contiguous_format))
-    return feats.float() if x.device.type == "cpu" else feats
 
 
 def copy_one(query, ref, ref_labels, radius: int, temperature: float) -> torch.Tensor:
@@ -381,8 +373,13 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
         if master:
             print(f"resuming {ckpt_path} at step {step}/{total_steps}")
     raw_model = model
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (device.type == "cuda" or _bf16_faster(
-        model, cfg.crop or cfg.size, master)))
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if cfg.precision == "auto" and device.type == "cpu":
+        size = cfg.crop or cfg.size
+        bf16, t32, t16 = bf16_faster(model, size, backward=True)
+        if master:
+            print(f"encoder fwd+bwd of 2 frames at {size}x{size}: fp32 {t32 * 1e3:.0f} ms, bf16 {t16 * 1e3:.0f} ms: "
+                  f"training in {'bf16' if bf16 else 'fp32'} (--precision to choose)")
     model = model.to(memory_format=torch.channels_last if bf16 else torch.contiguous_format)
     if device.type == "cuda":
         if ddp:  # batch statistics over the global batch (SyncBatchNorm needs GPUs)
@@ -513,31 +510,6 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
 
 CALIBRATION_SKIP = 5  # --minutes: steps left out of the timing (start-up: allocator, loader, cuDNN autotuning)
 CALIBRATION_STEPS = 20  # ... then the steps timed before the run's length is fixed
-
-
-def _bf16_faster(model, size: int, master: bool) -> bool:
-    """--precision auto on a CPU: time the encoder's forward + backward on 2 frames in fp32 and in bf16 autocast
-    (channels-last), the better of 2 runs each after a warm-up; bf16 only where it wins by 10%. Some CPUs have
-    bf16 units (AVX512-BF16, AMX), on others it is emulated and slower. A few seconds, once per run."""
-    x = torch.rand(2, 3, size, size)
-    model = copy.deepcopy(model)  # the probe's forwards must not move the real model's BatchNorm statistics
-    times = {}
-    for bf16 in (False, True):
-        fmt = torch.channels_last if bf16 else torch.contiguous_format
-        net, inp = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
-        laps = []
-        for _ in range(3):
-            t = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                y = net(inp)
-            y.float().sum().backward()
-            laps.append(time.perf_counter() - t)
-        times[bf16] = min(laps[1:])
-    faster = times[True] < 0.9 * times[False]
-    if master:
-        print(f"encoder fwd+bwd of 2 frames at {size}x{size}: fp32 {times[False] * 1e3:.0f} ms, bf16 "
-              f"{times[True] * 1e3:.0f} ms: training in {'bf16' if faster else 'fp32'} (--precision to choose)")
-    return faster
 
 
 def _steps_that_fit(step: int, done: int, spent: float, left: float, ddp: bool, device: torch.device) -> int:

@@ -7,7 +7,7 @@ Triton carries its own `ptxas`, so a kernel can be compiled all the way to a cub
 (H100) without a driver. The launches are collected from the project's own call sites, run on meta tensors (shapes,
 strides and dtypes without memory or arithmetic) with the op's launcher replaced by a recorder:
 - bench: `bench.py`'s KERNEL_CASES, fp32 and bf16, as `measure_kernel` makes their inputs, through the dispatch.
-- train: `train.colourise` and `train.nll`, forward and backward, on the encoder's output as `train.encode` gives it
+- train: `train.colourise` and `train.nll`, forward and backward, on the encoder's output as `model.encode` gives it
   on CUDA (bf16 under autocast, channels-last, split into frames by `view`/`unbind`; autocast cannot run on meta
   tensors, so that one layout is built here) and labels from `train.colour_targets`; the default size and the CPU
   recipe's 128-pixel crops, scheduled sampling on and off.
@@ -138,7 +138,7 @@ def _train_launches():
     for size, B in ((cfg.size, cfg.batch_size), (128, 4)):
         h = w = size // 4
         for use_gt in (True, False):
-            # what train.encode returns on CUDA: the encoder's bf16 output, channels-last (the model is converted)
+            # what model.encode returns on CUDA: the encoder's bf16 output, channels-last (the model is converted)
             feats = torch.empty(B * 3, mcfg.feat_dim, h, w, device=META, dtype=torch.bfloat16).contiguous(
                 memory_format=torch.channels_last).requires_grad_()
             f0, f1, f2 = feats.view(B, 3, -1, h, w).unbind(1)

@@ -228,9 +228,9 @@ def test_propagate_then_score_uses_propagate_interface(tiny_davis, tmp_path, mon
         for _ in frames:
             yield first_mask
 
-    cfg = types.SimpleNamespace(features="lab")
+    cfg = types.SimpleNamespace(features="lab", precision="auto")
     fake = types.SimpleNamespace(config_from_args=lambda args: cfg, propagate_masks=propagate_masks,
-                                 load_encoder=lambda checkpoint, features, device: f"{features} encoder")
+                                 load_encoder=lambda checkpoint, features, device, precision: f"{features} encoder")
     monkeypatch.setitem(sys.modules, "propagate", fake)
     args = types.SimpleNamespace(device="cpu", checkpoint=None)
     out = tmp_path / "out"

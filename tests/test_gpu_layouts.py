@@ -37,7 +37,7 @@ def test_gpu_training_copies_as_train_py_runs_them(monkeypatch):
     torch.manual_seed(0)
     B, size = 4, 64
     net = CorrFlow(ModelConfig()).cuda().to(memory_format=torch.channels_last).train()
-    feats = train.encode(net, torch.rand(B * 3, 3, size, size, device="cuda"), bf16=True)
+    feats = model_module.encode(net, torch.rand(B * 3, 3, size, size, device="cuda"), bf16=True)
     assert feats.dtype == torch.bfloat16 and feats.is_contiguous(memory_format=torch.channels_last)
     labels = torch.softmax(torch.randn(B, 3, 16, size // 4, size // 4, device="cuda"), 2)
 
@@ -70,10 +70,10 @@ def _frames(n=6, H=240, W=432, seed=0):
 @pytest.mark.parametrize("topk", [0, 10])
 @pytest.mark.parametrize("features, precision", [("model+lab", "auto"), ("model", "fp32")])
 def test_gpu_propagation_as_propagate_py_runs_it(monkeypatch, features, precision, topk):
-    """The default (model+lab in fp16 on a GPU: 68 channels) and fp32 model features."""
+    """The default (model+lab, the encoder in bf16, references in fp16 on a GPU: 68 channels) and fp32 throughout."""
     frames, mask = _frames()
     cfg = propagate.PropagationConfig(features=features, precision=precision, topk=topk)  # the default otherwise
-    encoders = propagate.load_encoder(None, features, torch.device("cuda"))
+    encoders = propagate.load_encoder(None, features, torch.device("cuda"), precision)
     first = torch.nn.functional.one_hot(torch.tensor(mask, dtype=torch.long), 2).permute(2, 0, 1)[None].float()
     first = model_module.downsample_labels(first.cuda())
 

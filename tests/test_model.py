@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from model import CHECKPOINT_FORMAT, CorrFlow, ModelConfig, downsample_labels, export_weights, load_checkpoint
+from model import (CHECKPOINT_FORMAT, CorrFlow, ModelConfig, bf16_faster, downsample_labels, encode, export_weights,
+                   load_checkpoint)
 
 
 def test_parameter_count_and_output_stride():
@@ -57,3 +58,20 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, content, match):
     with pytest.raises(ValueError, match=match) as info:
         load_checkpoint(path)
     assert "\n" not in str(info.value) and "bad.pt" in str(info.value)
+
+
+def test_bf16_probe_times_both_and_leaves_the_model_as_it_was():
+    model = CorrFlow().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    faster, t32, t16 = bf16_faster(model, 32, backward=True)
+    assert isinstance(faster, bool) and t32 > 0 and t16 > 0 and faster == (t16 < 0.9 * t32)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm statistics too
+    assert model.stem[0].weight.is_contiguous() and all(p.grad is None for p in model.parameters())
+    x = torch.rand(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        plain, fp32 = model(x), encode(model, x, bf16=False)
+        bf16 = encode(model.to(memory_format=torch.channels_last), x, bf16=True)
+    assert fp32.dtype == bf16.dtype == torch.float32 and fp32.shape == bf16.shape == (2, 64, 8, 8)
+    assert torch.equal(fp32, plain) and not torch.equal(fp32, bf16)
+    assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=1).min() > 0.99

@@ -390,3 +390,24 @@ def test_fp16_references_are_rounded_and_change_little(shared_data, tmp_path, mo
         list(propagate_masks(rgb, first, PropagationConfig(precision="fp8"), encoders, CPU))
     assert propagate.storage_dtype(PropagationConfig(), torch.device("cuda")) == torch.float16
     assert propagate.storage_dtype(PropagationConfig(), CPU) == torch.float32
+
+
+def test_precision_sets_the_encoders_arithmetic(monkeypatch, capsys):
+    """fp32: the model's own fp32 forward; fp16: bf16 autocast, channels-last (features within rounding of fp32);
+    auto on a CPU: whichever the probe finds faster, said in one line."""
+    rgb = torch.rand(1, 3, 64, 96)
+    net, _, _ = model.load_checkpoint(propagate.DEFAULT_CHECKPOINT)
+    with torch.no_grad():
+        plain = net(rgb)
+    fp32, _ = propagate.model_encoder(None, CPU, "fp32")(rgb)
+    bf16, _ = propagate.model_encoder(None, CPU, "fp16")(rgb)
+    assert torch.equal(fp32, plain) and bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    assert torch.nn.functional.cosine_similarity(bf16, fp32, dim=1).min() > 0.99
+    for faster, expected in ((False, fp32), (True, bf16)):
+        monkeypatch.setattr(propagate, "bf16_faster", lambda *a, faster=faster, **k: (faster, 0.2, 0.1))
+        auto, _ = propagate.model_encoder(None, CPU, "auto")(rgb)
+        assert torch.equal(auto, expected)
+        assert capsys.readouterr().err.strip().endswith(f"encoding in {'bf16' if faster else 'fp32'} "
+                                                        "(--precision to choose)")
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        propagate.model_encoder(None, CPU, "fp8")
