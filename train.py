@@ -377,6 +377,10 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
     if cfg.precision == "auto" and device.type == "cpu":
         size = cfg.crop or cfg.size
         bf16, t32, t16 = bf16_faster(model, size, backward=True)
+        if ddp:  # every process trains in the precision the first one measured
+            choice = torch.tensor(int(bf16), device=device)
+            dist.broadcast(choice, 0)
+            bf16 = bool(choice)
         if master:
             print(f"encoder fwd+bwd of 2 frames at {size}x{size}: fp32 {t32 * 1e3:.0f} ms, bf16 {t16 * 1e3:.0f} ms: "
                   f"training in {'bf16' if bf16 else 'fp32'} (--precision to choose)")

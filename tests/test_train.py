@@ -131,17 +131,23 @@ def test_ddp_two_processes_equal_one_process(clip_folder, tmp_path):
     The clip folder holds one 9-frame clip without jitter, so both halves of the batch are the same clip: on CPU each
     process keeps its own BatchNorm statistics (SyncBatchNorm needs GPUs), and identical halves make them equal to
     the combined batch's. The gradients are read from Adam's first moment after one step (exp_avg = 0.1 * grad):
-    after the update itself, Adam turns rounding-level differences of near-zero gradients into +-lr steps."""
+    after the update itself, Adam turns rounding-level differences of near-zero gradients into +-lr steps.
+    The two processes run --precision auto with probes that disagree (the second finds bf16 faster): both must
+    train in the first one's fp32, or the second's bf16 rounding would show in the gradients."""
     folder, centroids = clip_folder
     common = ["--data", str(folder), "--centroids", str(centroids), "--size", "64", "--steps", "1",
-              "--workers", "0", "--device", "cpu", "--jitter-p", "0", "--log-every", "1",
-              "--precision", "fp32", "--val-every", "0"]  # bf16 on one process and on two would round differently
+              "--workers", "0", "--device", "cpu", "--jitter-p", "0", "--log-every", "1", "--val-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(ROOT / "train.py"), *common, "--batch-size", "2", "--out",
-                    str(tmp_path / "one")], check=True, env=env, cwd=ROOT, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(ROOT / "train.py"), *common, "--batch-size", "1", "--out", str(tmp_path / "two")],
-                   check=True, env=env, cwd=ROOT, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *common, "--precision", "fp32", "--batch-size", "2",
+                    "--out", str(tmp_path / "one")], check=True, env=env, cwd=ROOT, capture_output=True)
+    disagreeing = tmp_path / "train_second_prefers_bf16.py"
+    disagreeing.write_text(f"import os, runpy, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport model\n"
+                           "model.bf16_faster = lambda *a, **k: (os.environ['RANK'] == '1', 1.0, 0.5)\n"
+                           f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(disagreeing), *common, "--precision", "auto", "--batch-size", "1", "--out",
+                          str(tmp_path / "two")], check=True, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert "training in fp32" in two.stdout
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["optimizer"]["state"]
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["optimizer"]["state"]
     assert len(a) == len(b) == len(list(CorrFlow().parameters()))  # every parameter got a gradient
