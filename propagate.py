@@ -188,7 +188,6 @@ def to_frame(probs: torch.Tensor, H: int, W: int, scale: float) -> torch.Tensor:
     return full if (h, w) == (H, W) else F.interpolate(full, size=(H, W), mode="bilinear", align_corners=False)
 
 
-
 def storage_dtype(cfg: PropagationConfig, device: torch.device) -> torch.dtype:
     """The dtype references are kept and compared in. fp16 on a GPU: the fused kernels take model+lab's 68
     channels only in 16 bits (fp32 above 64 channels spills registers), and fp16's 11 mantissa bits leave the
