@@ -109,6 +109,12 @@ NORMALIZED_TEMPERATURE = 0.05  # the model's temperature when its features are L
 PROBE_SIZE = 128  # --precision auto on a CPU times the encoder on 2 frames of this size in fp32 and in bf16
 
 
+def check_precision(precision: str) -> None:
+    """The encoder (`net_encoder`) and the references (`storage_dtype`) read the same setting: one error for both."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
+
+
 def lab_features(rgb: torch.Tensor) -> torch.Tensor:
     """RGB (B, 3, H, W) -> Lab averaged over 4x4 cells as (w (L/100 - 1/2), a/128, b/128), w = LAB_LIGHTNESS_WEIGHT:
     one unit of L weighs as much as one unit of a or b when w = 128/100. Centred on mid-grey, which leaves every
@@ -144,8 +150,7 @@ def model_encoder(checkpoint: Optional[str | Path], device: torch.device, precis
 def net_encoder(model: torch.nn.Module, device: torch.device, precision: str = "auto") -> Encoder:
     """A CorrFlow encoder (eval mode) on `device`: in bf16 autocast (channels-last) for precision "fp16", and for
     "auto" on a GPU and on a CPU where `model.bf16_faster` finds bf16 faster (said in one line); fp32 otherwise."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
+    check_precision(precision)
     bf16 = precision == "fp16" or (precision == "auto" and device.type == "cuda")
     if precision == "auto" and device.type == "cpu":
         bf16, t32, t16 = bf16_faster(model, PROBE_SIZE, backward=False)
@@ -192,8 +197,7 @@ def storage_dtype(cfg: PropagationConfig, device: torch.device) -> torch.dtype:
     """The dtype references are kept and compared in. fp16 on a GPU: the fused kernels take model+lab's 68
     channels only in 16 bits (fp32 above 64 channels spills registers), and fp16's 11 mantissa bits leave the
     measured J&F unchanged (README); bf16's 8 would not do for Lab's squared distances at temperature 0.0007."""
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"unknown precision '{cfg.precision}' (choose {', '.join(PRECISIONS)})")
+    check_precision(cfg.precision)
     if cfg.precision == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
     return torch.float16 if cfg.precision == "fp16" else torch.float32
