@@ -41,6 +41,7 @@ from PIL import Image
 
 import cli as cmdline  # the module; `cli` below is this file's entry point
 from files import atomic_write
+from media import all_joints, json_points, read_json, read_label_png, read_points, save_png
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,17 +115,6 @@ def db_boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) -> 
 
 # ----------------------------------------------------------------------------------------------------------------
 # DAVIS
-
-
-def read_label_png(path: Path) -> np.ndarray:
-    """(H, W) uint8 label map from a palette or grey PNG (palette indices, not colours)."""
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise ValueError(f"{path}: expected a palette or grey PNG of object ids, got mode {im.mode}")
-            return np.array(im)
-    except (OSError, SyntaxError) as e:  # PIL's messages for a truncated file do not name it
-        raise ValueError(f"{path}: cannot read the PNG ({type(e).__name__})") from None
 
 
 def read_annotation(path: Path) -> np.ndarray:
@@ -251,11 +241,7 @@ def propagate_davis(root: Path, out_dir: Path, sequences: list[str], args: argpa
         seq_dir.mkdir(parents=True, exist_ok=True)
         n = 0
         for path, labels in zip(frame_paths, propagate.propagate_masks(frames, first_mask, cfg, encoder, device)):
-            im = Image.fromarray(labels.astype(np.uint8))  # grey ids; with a palette, a palette PNG
-            if palette:
-                im.putpalette(palette)
-            with atomic_write(seq_dir / f"{path.stem}.png") as f:  # a failed write: one line naming the file
-                im.save(f, format="PNG")
+            save_png(labels.astype(np.uint8), palette, seq_dir / f"{path.stem}.png")  # grey ids without a palette
             n += 1
         if n != len(frame_paths):
             raise ValueError(f"{seq}: propagation gave {n} masks for {len(frame_paths)} frames")
@@ -317,13 +303,6 @@ def score_points(pred_dir: Path, gt_dir: Path, alphas: tuple[float, ...] = (0.1,
         except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:  # a JSON of another layout
             raise ValueError(f"{pred_path} against {gt_path}: cannot score ({type(e).__name__}: {e})") from None
     return results
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:  # json's own message does not name the file
-        raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
 
 
 def report_points(results: dict) -> dict[float, float]:
@@ -410,10 +389,10 @@ def run_grid(root: Path, configs: dict, sequences: list[str], checkpoint, device
             seconds[name] += time.perf_counter() - t0
             results[name][seq] = score_masks(((f"{seq}/{p.stem}", m) for p, m in zip(frame_paths, masks)), gts)
             if gt_points is not None and gt_points.is_file():
-                _, start, xy, visible = propagate.read_points(gt_points)
+                _, start, xy, visible = read_points(gt_points)
                 tracks = propagate.propagate_points(frames[start:], xy[visible], cfg, encoders, dev)
                 pred = {"frames": list(range(start, len(frames))),
-                        "xy": [propagate.json_points(propagate.all_joints(t, visible)) for t in tracks]}
+                        "xy": [json_points(all_joints(t, visible)) for t in tracks]}
                 points[name][seq] = {a: pck_counts(pred, read_json(gt_points), a) for a in (0.1, 0.2)}
         for encoder in cached.values():
             encoder.embed.cache.clear()
