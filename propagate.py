@@ -10,10 +10,8 @@ labels and the N most recent frames with their predicted labels, through one sof
 position: a (2 * radius + 1)^2 window of every reference (the first frame's may be wider), or only the top-k of them
 by score (`kernels.local_attention`). Only the references are kept, so memory does not grow with the video's length.
 The logits are <q, k> / T of the model's features (raw, or L2-normalised), -|q - k|^2 / T of Lab colour, or the sum
-of the two (`model+lab`). `--protocol corrflow` is the paper's protocol (previous frame only, its hard argmax fed
-back, radius 6, raw dot products); the default is the best setting measured on DAVIS (README): model+lab, normalised
-model features at temperature 0.05, top 10 of the candidates of the first frame (radius 12) and the 3 most recent
-frames (radius 8). On a GPU the encoder runs in bf16 and the references are kept in fp16, which the fused kernels
+of the two (`model+lab`). `--protocol corrflow` is the paper's protocol; the default is the best setting measured on
+DAVIS (PROTOCOLS). On a GPU the encoder runs in bf16 and the references are kept in fp16, which the fused kernels
 multiply exactly and sum in fp32; on a CPU with bf16 units the encoder runs in bf16 (`--precision`).
 Outputs (media.Results): one palette PNG per frame (00000.png ..., first frame included) or points.json, and an
 overlay video. SIGTERM, SIGINT or SIGHUP stop it after the frame under way, every frame before it written.
@@ -59,9 +57,7 @@ class PropagationConfig:
     use_first: bool = True  # the first frame and its true labels stay a reference throughout (CorrFlow: no)
     num_recent: int = 3  # N most recent frames, with their predicted labels, as references (CorrFlow: 1)
     soft_labels: bool = True  # feed back probabilities; False: the full-resolution argmax (CorrFlow)
-    # frames are encoded at this fraction of their size (0.5: about 4x fewer encoder FLOPs and a window covering
-    # twice the motion); masks and points are still written at full size
-    scale: float = 1.0
+    scale: float = 1.0  # encode at this fraction of the size (0.5: 1/4 of the FLOPs, windows span 2x the motion)
     precision: str = "auto"  # "fp32", "fp16" or "auto": the encoder's and the references' arithmetic (`precisions`)
 
 
@@ -157,18 +153,15 @@ def load_encoder(checkpoint: Optional[str | Path], features: Optional[str], devi
     if features not in FEATURES:
         raise ValueError(f"unknown features '{features}' (choose {', '.join(FEATURES)})")
     lab = [Encoder(lab_features, squared_distance=True)] if "lab" in features.split("+") else []
-    return ([model_encoder(checkpoint, device, precision)] if "model" in features.split("+") else []) + lab
-
-
-def model_encoder(checkpoint: Optional[str | Path], device: torch.device, precision: str = "auto") -> Encoder:
-    """The CorrFlow encoder of `checkpoint` (None: the shipped one), as `net_encoder` runs it."""
+    if "model" not in features.split("+"):
+        return lab
     if checkpoint is None or Path(checkpoint) == DEFAULT_CHECKPOINT:
         if not DEFAULT_CHECKPOINT.is_file():
             raise ValueError(f"{DEFAULT_CHECKPOINT.relative_to(DEFAULT_CHECKPOINT.parents[1])} not found: the trained "
                              "weights are not shipped yet; pass --checkpoint PATH or use --features lab")
         checkpoint = DEFAULT_CHECKPOINT
     model, _, _ = load_checkpoint(checkpoint, map_location=device)
-    return net_encoder(model, device, precision)
+    return [net_encoder(model, device, precision)] + lab
 
 
 def net_encoder(model: torch.nn.Module, device: torch.device, precision: str = "auto") -> Encoder:
@@ -363,19 +356,12 @@ def propagate_points(frames: Iterable[np.ndarray], first_points: np.ndarray, cfg
 # Command line
 
 
-class Stopped(Exception):
-    """A signal stopped propagation between two frames; every frame before is written. exit_code: 128 + its number."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig, checkpoint: Optional[Path],
          device: str = "auto", overlay: bool = True, overwrite: bool = False, frames: Optional[int] = None) -> Path:
     """Propagate a mask PNG or a keypoint JSON through a video (its first `frames` frames from the first labelled
-    one, if given); returns the output folder. SIGTERM, SIGINT or SIGHUP stop it after the frame under way (Stopped);
-    an error on the way says how many frames were written."""
+    one, if given); returns the output folder. SIGTERM, SIGINT or SIGHUP stop it after the frame under way: the
+    process exits with 128 + the signal's number (143, 130, 129); an error on the way says how many frames were
+    written."""
     points_mode = labels.suffix.lower() == ".json"
     if points_mode:
         sequence, start, xy, visible = read_points(labels)
@@ -424,49 +410,44 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
         except (ValueError, OSError) as e:
             raise ValueError(f"{e} ({written.count} of {total} frames written to {out})") from None
     done = f"{written.count} of {total} frames written to {out}"
-    if stop.received:
-        raise Stopped(f"stopped by {signal.Signals(stop.received).name}: {done}; to go on, run the command again with "
-                      "--overwrite (it starts again from the first frame; --frames N for part of the video)",
-                      128 + stop.received)
+    if stop.received:  # one line, and the exit status a shell reports for a process ended by that signal
+        print(f"stopped by {signal.Signals(stop.received).name}: {done}; to go on, run the command again with "
+              "--overwrite (it starts again from the first frame; --frames N for part of the video)", file=sys.stderr)
+        sys.exit(128 + stop.received)
     print(f"{stem}: {done}" + (" (and overlay.mp4)" if overlay else ""))
     return out
 
 
 def add_propagation_args(parser: argparse.ArgumentParser) -> None:
-    """Propagation options: --protocol picks a preset; the other flags, when given, override it."""
-    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="default",
-                        help="default: model+lab features, top 10 of the candidates of the first frame (radius 12) "
-                             "and 3 recent frames (radius 8), soft labels; corrflow: the paper's (model features, "
-                             "previous frame, hard labels, radius 6)")
-    parser.add_argument("--features", choices=FEATURES,
-                        help="model: the CorrFlow encoder; lab: raw Lab colour, no learning; model+lab: one softmax "
-                             "over the sum of both logits (preset: model+lab; corrflow: model)")
-    parser.add_argument("--radius", type=cmdline.integer(0, 64),
-                        help="attention window radius at stride 4, 0..64 (preset: 8; corrflow: 6)")
-    parser.add_argument("--first-radius", type=cmdline.integer(0, 64),
-                        help="the first frame's window radius, 0..64 (preset: 12; corrflow: --radius)")
-    parser.add_argument("--topk", type=cmdline.integer(0, 4096),
-                        help="softmax over the k best-scoring candidates of all references only; 0: all (preset: 10; "
-                             "corrflow: 0)")
-    parser.add_argument("--num-recent", type=cmdline.integer(0, 100),
-                        help="number of recent frames used as references, 0..100 (preset: 3)")
-    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                        help="L2-normalise the model's features (preset: yes; corrflow: no)")
-    parser.add_argument("--temperature", type=cmdline.real(above=0),
-                        help=f"the model features' softmax temperature, > 0 (raw: 1.0, normalised: "
-                             f"{NORMALIZED_TEMPERATURE})")
-    parser.add_argument("--lab-temperature", type=cmdline.real(above=0),
-                        help=f"Lab colour's softmax temperature, > 0 (default: {LAB_TEMPERATURE})")
-    parser.add_argument("--no-first", action="store_true", help="do not keep the first frame as a reference")
-    parser.add_argument("--hard-labels", action="store_true",
-                        help="feed back the argmax (taken at full resolution), not probabilities")
-    parser.add_argument("--precision", choices=PRECISIONS,
-                        help="fp16: the encoder in bf16, the references kept and compared in fp16 (fp32 sums of "
-                             "16-bit values); fp32: both in fp32; auto: fp16 on a GPU, and on a CPU fp32 references "
-                             "with the encoder in bf16 where a probe finds it faster (default: auto)")
-    parser.add_argument("--scale", type=cmdline.real(0.1, 1),
-                        help="encode frames at this fraction of their size, 0.1..1 (about scale^2 of the time); "
-                             "outputs stay at full size (default: 1)")
+    """Propagation options (PropagationConfig): --protocol picks a preset; the other flags, when given, override it."""
+    add = parser.add_argument
+    add("--protocol", choices=sorted(PROTOCOLS), default="default",
+        help="default: model+lab features, top 10 of the candidates of the first frame (radius 12) and 3 recent "
+             "frames (radius 8), soft labels; corrflow: the paper's (model features, previous frame, hard labels, "
+             "radius 6)")
+    add("--features", choices=FEATURES, help="model: the CorrFlow encoder; lab: raw Lab colour, no learning; "
+        "model+lab: one softmax over the sum of both logits (preset: model+lab; corrflow: model)")
+    add("--radius", type=cmdline.integer(0, 64), help="attention window radius at stride 4, 0..64 (preset: 8; "
+        "corrflow: 6)")
+    add("--first-radius", type=cmdline.integer(0, 64),
+        help="the first frame's window radius, 0..64 (preset: 12; corrflow: --radius)")
+    add("--topk", type=cmdline.integer(0, 4096), help="softmax over the k best-scoring candidates of all references "
+        "only; 0: all (preset: 10; corrflow: 0)")
+    add("--num-recent", type=cmdline.integer(0, 100), help="number of recent frames used as references, 0..100 "
+        "(preset: 3)")
+    add("--normalize", action=argparse.BooleanOptionalAction, default=None,
+        help="L2-normalise the model's features (preset: yes; corrflow: no)")
+    add("--temperature", type=cmdline.real(above=0),
+        help=f"the model features' softmax temperature, > 0 (raw: 1.0, normalised: {NORMALIZED_TEMPERATURE})")
+    add("--lab-temperature", type=cmdline.real(above=0),
+        help=f"Lab colour's softmax temperature, > 0 (default: {LAB_TEMPERATURE})")
+    add("--no-first", action="store_true", help="do not keep the first frame as a reference")
+    add("--hard-labels", action="store_true", help="feed back the argmax (taken at full resolution), not probabilities")
+    add("--precision", choices=PRECISIONS, help="fp16: the encoder in bf16, the references kept and compared in fp16 "
+        "(fp32 sums of 16-bit values); fp32: both in fp32; auto: fp16 on a GPU, and on a CPU fp32 references with the "
+        "encoder in bf16 where a probe finds it faster (default: auto)")
+    add("--scale", type=cmdline.real(0.1, 1), help="encode frames at this fraction of their size, 0.1..1 (about "
+        "scale^2 of the time); outputs stay at full size (default: 1)")
 
 
 def config_from_args(args: argparse.Namespace) -> PropagationConfig:
@@ -490,33 +471,27 @@ def config_from_args(args: argparse.Namespace) -> PropagationConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cmdline.Parser(description=__doc__.split("\n")[0])
-    parser.add_argument("video", type=cmdline.existing_path, help="a video file or a folder of JPEG/PNG frames")
-    parser.add_argument("labels", type=cmdline.existing_file,
-                        help="first-frame mask PNG (palette, grey ids or binary) or points JSON")
-    parser.add_argument("--out", type=cmdline.output_folder,
-                        help="output folder (default: ./<video stem>_masks or _points)")
-    parser.add_argument("--checkpoint", type=cmdline.existing_file,
-                        help=f"encoder weights (default: {DEFAULT_CHECKPOINT.name} in checkpoints/)")
-    parser.add_argument("--device", type=cmdline.device, default="auto", help="auto | cpu | cuda (default: auto)")
-    parser.add_argument("--no-overlay", action="store_true", help="skip overlay.mp4")
-    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    parser.add_argument("--frames", type=cmdline.integer(2),
-                        help="propagate only the first N frames, N >= 2, from the first labelled one (default: all)")
+    add = parser.add_argument
+    add("video", type=cmdline.existing_path, help="a video file or a folder of JPEG/PNG frames")
+    add("labels", type=cmdline.existing_file, help="first-frame mask PNG (palette, grey ids or binary) or points JSON")
+    add("--out", type=cmdline.output_folder, help="output folder (default: ./<video stem>_masks or _points)")
+    add("--checkpoint", type=cmdline.existing_file,
+        help=f"encoder weights (default: {DEFAULT_CHECKPOINT.name} in checkpoints/)")
+    add("--device", type=cmdline.device, default="auto", help="auto | cpu | cuda (default: auto)")
+    add("--no-overlay", action="store_true", help="skip overlay.mp4")
+    add("--overwrite", action="store_true", help="replace the results already in --out")
+    add("--frames", type=cmdline.integer(2), help="propagate only the first N frames, N >= 2, from the first "
+        "labelled one (default: all)")
     add_propagation_args(parser)
     return parser
 
 
-
 def cli(argv=None) -> Optional[Path]:
-    """The command line: parse, propagate; an expected failure (bad input, unreadable file) is one line, and so is
-    a stop by a signal (exit status 128 + its number: 143 for SIGTERM, 130 SIGINT, 129 SIGHUP)."""
+    """The command line: parse, propagate; an expected failure (bad input, unreadable file) is one line."""
     args = build_parser().parse_args(argv)
     try:
         return main(args.video, args.labels, args.out, config_from_args(args), args.checkpoint, args.device,
                     overlay=not args.no_overlay, overwrite=args.overwrite, frames=args.frames)
-    except Stopped as e:
-        print(e, file=sys.stderr)
-        sys.exit(e.exit_code)
     except (ValueError, OSError) as e:
         cmdline.fail(e)
 

@@ -401,18 +401,18 @@ def test_precision_sets_the_encoders_arithmetic(monkeypatch, capsys):
     net, _, _ = model.load_checkpoint(propagate.DEFAULT_CHECKPOINT)
     with torch.no_grad():
         plain = net(rgb)
-    fp32, _ = propagate.model_encoder(None, CPU, "fp32")(rgb)
-    bf16, _ = propagate.model_encoder(None, CPU, "fp16")(rgb)
+    fp32, _ = load_encoder(None, "model", CPU, "fp32")[0](rgb)
+    bf16, _ = load_encoder(None, "model", CPU, "fp16")[0](rgb)
     assert torch.equal(fp32, plain) and bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
     assert torch.nn.functional.cosine_similarity(bf16, fp32, dim=1).min() > 0.99
     for faster, expected in ((False, fp32), (True, bf16)):
         monkeypatch.setattr(propagate, "bf16_faster", lambda *a, faster=faster, **k: (faster, 0.2, 0.1))
-        auto, _ = propagate.model_encoder(None, CPU, "auto")(rgb)
+        auto, _ = load_encoder(None, "model", CPU, "auto")[0](rgb)
         assert torch.equal(auto, expected)
         assert capsys.readouterr().err.strip().endswith(f"encoding in {'bf16' if faster else 'fp32'} "
                                                         "(--precision to choose)")
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
-        propagate.model_encoder(None, CPU, "fp8")
+        load_encoder(None, "model", CPU, "fp8")
 
 
 # A run that gets `signal` while it writes the mask of frame 1 (the second frame): os.kill from inside, so that the
