@@ -37,11 +37,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 import cli as cmdline  # the module; `cli` below is this file's entry point
 from files import atomic_write
-from media import all_joints, json_points, read_json, read_label_png, read_points, save_png
+from media import all_joints, json_points, read_json, read_label_png, read_mask, read_points, save_png
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,8 +55,8 @@ def db_iou(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def boundary_map(mask: np.ndarray) -> np.ndarray:
     """Boolean (H, W): pixels that differ from their east, south or south-east neighbour (the official seg2bmap)."""
-    b = np.zeros_like(mask)
-    b[:-1, :-1] = (mask[:-1, :-1] != mask[:-1, 1:]) | (mask[:-1, :-1] != mask[1:, :-1]) | (mask[:-1, :-1] != mask[1:, 1:])
+    b, m = np.zeros_like(mask), mask[:-1, :-1]
+    b[:-1, :-1] = (m != mask[:-1, 1:]) | (m != mask[1:, :-1]) | (m != mask[1:, 1:])
     b[-1, :-1] = mask[-1, :-1] != mask[-1, 1:]  # last row: east neighbour only
     b[:-1, -1] = mask[:-1, -1] != mask[1:, -1]  # last column: south neighbour only; the corner stays 0
     return b
@@ -234,8 +233,7 @@ def propagate_davis(root: Path, out_dir: Path, sequences: list[str], args: argpa
         frame_paths = sequence_frames(root, seq)
         frames = (iio.imread(p) for p in frame_paths)  # (H, W, 3) uint8 RGB each, read as propagation streams
         first_path = Path(root) / "Annotations" / "480p" / seq / f"{frame_paths[0].stem}.png"
-        with Image.open(first_path) as first:
-            palette = first.getpalette()  # predictions get the annotations' colours
+        palette = read_mask(first_path)[1]  # predictions get the annotations' colours
         first_mask = read_annotation(first_path)
         seq_dir = Path(out_dir) / seq
         seq_dir.mkdir(parents=True, exist_ok=True)
@@ -284,7 +282,7 @@ def pck(pred: dict, gt: dict, alpha: float) -> float:
     return correct / total if total else float("nan")
 
 
-def score_points(pred_dir: Path, gt_dir: Path, alphas: tuple[float, ...] = (0.1, 0.2)) -> dict[str, dict[float, tuple[int, int]]]:
+def score_points(pred_dir: Path, gt_dir: Path, alphas: tuple[float, ...] = (0.1, 0.2)) -> dict[str, dict]:
     """{sequence: {alpha: (correct, scored)}} for every ground-truth JSON in gt_dir; each needs pred_dir/<seq>.json
     or pred_dir/<seq>/points.json (what `propagate.py VIDEO POINTS.json --out pred_dir/<seq>` writes)."""
     gt_paths = sorted(Path(gt_dir).glob("*.json"))
@@ -452,32 +450,31 @@ def build_parser(propagation: bool = True) -> argparse.ArgumentParser:
     parser = cmdline.Parser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="task", required=True)  # subparsers are cmdline.Parser too: one-line errors
     davis = sub.add_parser("davis", help="J, F, J&F on a DAVIS-layout folder")
-    davis.add_argument("root", type=cmdline.existing_folder,
-                       help="JPEGImages/480p, Annotations/480p, ImageSets/2017/val.txt")
-    davis.add_argument("--predictions", type=cmdline.existing_folder,
-                       help="score DIR/<seq>/%%05d.png instead of propagating")
-    davis.add_argument("--out", type=cmdline.output_folder, help="where propagation writes DIR/<seq>/%%05d.png")
-    davis.add_argument("--overwrite", action="store_true", help="replace predictions already in --out")
-    davis.add_argument("--csv", type=cmdline.output_file, help="per-object scores (default: <predictions>/scores.csv)")
-    davis.add_argument("--sequences", nargs="+", help="default: every sequence of ImageSets/2017/val.txt")
-    davis.add_argument("--checkpoint", type=cmdline.existing_file,
-                       help="encoder weights for propagation (default: the shipped ones)")
-    davis.add_argument("--device", type=cmdline.device, default="auto",
-                       help="auto | cpu | cuda (default: cuda when available, else cpu)")
+    add = davis.add_argument
+    add("root", type=cmdline.existing_folder, help="JPEGImages/480p, Annotations/480p, ImageSets/2017/val.txt")
+    add("--predictions", type=cmdline.existing_folder, help="score DIR/<seq>/%%05d.png instead of propagating")
+    add("--out", type=cmdline.output_folder, help="where propagation writes DIR/<seq>/%%05d.png")
+    add("--overwrite", action="store_true", help="replace predictions already in --out")
+    add("--csv", type=cmdline.output_file, help="per-object scores (default: <predictions>/scores.csv)")
+    add("--sequences", nargs="+", help="default: every sequence of ImageSets/2017/val.txt")
+    add("--checkpoint", type=cmdline.existing_file, help="encoder weights for propagation (default: the shipped ones)")
+    add("--device", type=cmdline.device, default="auto",
+        help="auto | cpu | cuda (default: cuda when available, else cpu)")
     if propagation:  # --protocol, --features, --radius, ...
         import propagate
         propagate.add_propagation_args(davis)
     grid = sub.add_parser("grid", help="J&F (and PCK) of many propagation settings, each frame encoded once")
-    grid.add_argument("root", type=cmdline.existing_folder, help="a DAVIS-layout folder, as for davis")
-    grid.add_argument("--configs", type=cmdline.existing_file, required=True,
-                      help="JSON {name: {setting: value}} of PropagationConfig fields")
-    grid.add_argument("--out", type=cmdline.output_file, required=True,
-                      help="the CSV, one row per setting (rewritten after each sequence)")
-    grid.add_argument("--sequences", nargs="+", help="default: every sequence of ImageSets/2017/val.txt")
-    grid.add_argument("--keypoints", type=cmdline.existing_folder,
-                      help="keypoint JSONs: sequences that have one are tracked and scored (PCK) too")
-    grid.add_argument("--checkpoint", type=cmdline.existing_file, help="encoder weights (default: the shipped ones)")
-    grid.add_argument("--device", type=cmdline.device, default="auto", help="auto | cpu | cuda")
+    add = grid.add_argument
+    add("root", type=cmdline.existing_folder, help="a DAVIS-layout folder, as for davis")
+    add("--configs", type=cmdline.existing_file, required=True,
+        help="JSON {name: {setting: value}} of PropagationConfig fields")
+    add("--out", type=cmdline.output_file, required=True,
+        help="the CSV, one row per setting (rewritten after each sequence)")
+    add("--sequences", nargs="+", help="default: every sequence of ImageSets/2017/val.txt")
+    add("--keypoints", type=cmdline.existing_folder,
+        help="keypoint JSONs: sequences that have one are tracked and scored (PCK) too")
+    add("--checkpoint", type=cmdline.existing_file, help="encoder weights (default: the shipped ones)")
+    add("--device", type=cmdline.device, default="auto", help="auto | cpu | cuda")
     points = sub.add_parser("points", help="PCK@0.1 and PCK@0.2 of keypoint JSONs")
     points.add_argument("predictions", type=cmdline.existing_folder, help="folder of <sequence>.json")
     points.add_argument("--gt", type=cmdline.existing_folder, required=True, help="ground-truth keypoint JSONs")
