@@ -1,13 +1,13 @@
-"""Reading and writing files: videos and frame folders, first-frame masks and keypoints, and what propagate.py
-writes (palette PNGs, points.json, the overlay video). No torch here: evaluate.py scores with this module alone.
-
-Videos are files (mp4, avi, mkv, webm, mov), decoded with PyAV, or folders of JPEG/PNG frames. Every file is written
-through a temporary one renamed into place (files.py): it is complete or absent, never half written.
+"""Reading and writing files: videos (files decoded with PyAV, or folders of JPEG/PNG frames), first-frame masks and
+keypoints, and what propagate.py writes (palette PNGs, points.json, the overlay video), each file through a temporary
+one renamed into place (files.py). No torch here: evaluate.py scores with this module alone.
 """
 import contextlib
 import json
 import os
 import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
@@ -23,7 +23,6 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 class VideoError(ValueError):
     """A video that is missing, cannot be opened or cannot be decoded. The message names the file."""
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,8 +232,7 @@ def read_json(path: Path):
 
 
 def all_joints(tracked: np.ndarray, visible: np.ndarray) -> np.ndarray:
-    """The tracked points (J', 2) of the joints visible in the first labelled frame -> (J, 2) for every joint, nan for
-    the untracked ones."""
+    """Tracked points (J', 2) of the joints visible in the first labelled frame -> (J, 2), nan for the others."""
     full = np.full((len(visible), 2), np.nan)
     full[visible] = tracked
     return full
@@ -246,8 +244,7 @@ def json_points(full: np.ndarray) -> list:
 
 
 def check_points_inside(path: Path, xy: np.ndarray, visible: np.ndarray, W: int, H: int) -> None:
-    """Visible points must lie in the W x H frame: a point outside has no features to follow, and would give a
-    track that means nothing."""
+    """Visible points must lie in the W x H frame: outside, a point has no features to follow."""
     for j in np.flatnonzero(visible):
         x, y = xy[j]
         if not (0 <= x < W and 0 <= y < H):  # also refuses nan
@@ -281,10 +278,8 @@ def save_png(labels: np.ndarray, palette: Optional[list[int]], path: Path) -> No
 
 def video_fps(video: Path) -> float:
     """Frames per second of a video file (24 for a folder of frames or unknown)."""
-    if video.is_dir():
-        return 24.0
     try:
-        return float(iio.immeta(video, plugin="pyav").get("fps") or 24.0)
+        return 24.0 if video.is_dir() else float(iio.immeta(video, plugin="pyav").get("fps") or 24.0)
     except Exception:  # the frames reader reports unreadable videos itself
         return 24.0
 
@@ -323,14 +318,15 @@ def draw_points(frame: np.ndarray, points: np.ndarray, palette: list[int], radiu
     return out
 
 
-class Results:
+class Results(contextlib.AbstractContextManager):  # `with` gives the instance itself
     """What propagate.py writes into `out`, frame by frame: a palette PNG per mask (00000.png ...), or one row of
     points.json per frame of keypoints (`points`: the sequence's name, its first labelled frame and which joints it
     tracks); and with `overlay_fps`, overlay.mp4, the frames with the masks blended in or the points drawn.
 
-    However the `with` block ends (an error, a stop between two frames), every frame added before is complete on
-    disk: its PNG, or its row of points.json (written when the block ends), and no temporary file is left.
-    overlay.mp4 is kept unless the block ends with an error. `count` is the number of frames added."""
+    A thread writes the frames in order while the caller computes the next; `add` or `wait` raise a failed write.
+    However the `with` block ends (an error, a stop between two frames), every frame added before is complete on disk
+    (points.json is written at the end), no temporary file is left, and overlay.mp4 is kept unless the block ends with
+    an error. `count` is the number of frames written."""
 
     def __init__(self, out: Path, palette: list[int], overlay_fps: Optional[float] = None,
                  points: Optional[tuple[str, int, np.ndarray]] = None):
@@ -339,9 +335,20 @@ class Results:
         self._files = contextlib.ExitStack()
         self._overlay = self._files.enter_context(overlay_video(out / "overlay.mp4", overlay_fps)) \
             if overlay_fps else None
+        self._writer, self._pending = ThreadPoolExecutor(1), None  # one write at a time, one frame queued at most
 
     def add(self, frame: np.ndarray, result: np.ndarray) -> None:
         """The next frame (H, W, 3) uint8 and its result: (H, W) object ids, or (J', 2) tracked points."""
+        self.wait()
+        self._pending = self._writer.submit(self._write, frame, result)
+
+    def wait(self) -> None:
+        """Until every frame added is written; raises the error of a failed write."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write(self, frame: np.ndarray, result: np.ndarray) -> None:
         self.size = frame.shape[1], frame.shape[0]
         if self.points is None:
             save_png(result, self.palette, self.out / f"{self.count:05d}.png")
@@ -354,14 +361,19 @@ class Results:
             self._overlay(shown)
         self.count += 1
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, *exc):
-        self._files.__exit__(*exc)
-        if self.points is not None and self.rows:
-            sequence, start, _ = self.points
-            doc = {"sequence": sequence, "frame_size": list(self.size),
-                   "frames": list(range(start, start + len(self.rows))), "xy": self.rows}
-            with atomic_write(self.out / "points.json", "w") as f:
-                f.write(json.dumps(doc))
+        try:
+            if exc[0] is None:
+                self.wait()  # the last frame's write failing is an error of the block
+        except BaseException:
+            exc = sys.exc_info()
+            raise
+        finally:
+            self._writer.shutdown()  # after an error, the write under way is finished too
+            self._files.__exit__(*exc)
+            if self.points is not None and self.rows:
+                sequence, start, _ = self.points
+                doc = {"sequence": sequence, "frame_size": list(self.size),
+                       "frames": list(range(start, start + len(self.rows))), "xy": self.rows}
+                with atomic_write(self.out / "points.json", "w") as f:
+                    f.write(json.dumps(doc))

@@ -17,6 +17,7 @@ Outputs (media.Results): one palette PNG per frame (00000.png ..., first frame i
 overlay video. SIGTERM, SIGINT or SIGHUP stop it after the frame under way, every frame before it written.
 """
 import argparse
+import contextlib
 import functools
 import itertools
 import signal
@@ -404,10 +405,13 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
     with StopSignals() as stop, written:
         try:
             for result, frame in tqdm(zip(results, shown), total=total, unit="frame", desc=stem):
-                written.add(frame, result)
+                written.add(frame, result)  # written by a thread while the next frame is computed
                 if stop.received:
                     break
+            written.wait()
         except (ValueError, OSError) as e:
+            with contextlib.suppress(ValueError, OSError):
+                written.wait()  # the frame before the error is written all the same
             raise ValueError(f"{e} ({written.count} of {total} frames written to {out})") from None
     done = f"{written.count} of {total} frames written to {out}"
     if stop.received:  # one line, and the exit status a shell reports for a process ended by that signal

@@ -1,4 +1,6 @@
 """media.py: finding and reading videos and frame folders, and what propagate.py writes (Results)."""
+import json
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -53,3 +55,38 @@ def test_read_errors_name_the_file(tmp_path):
             list(media.read_frames(path))
         with pytest.raises(media.VideoError, match=path.name):
             media.count_frames(path)
+
+
+def test_results_keep_every_frame_before_a_failed_write(tmp_path, monkeypatch):
+    """Frames are written by a thread: a failed write is raised by the next add (or wait), the frames after it are
+    not written, the ones before are complete, and no temporary file or partial overlay is left."""
+    save_png = media.save_png
+
+    def fail_on_frame_2(labels, palette, path):
+        if path.name == "00002.png":
+            raise OSError(28, "No space left on device")
+        save_png(labels, palette, path)
+
+    monkeypatch.setattr(media, "save_png", fail_on_frame_2)
+    frame, labels = np.zeros((10, 12, 3), np.uint8), np.ones((10, 12), np.uint8)
+    with pytest.raises(OSError, match="No space"):
+        with media.Results(tmp_path, media.davis_palette(), overlay_fps=10.0) as results:
+            for _ in range(5):
+                results.add(frame, labels)
+            results.wait()
+    assert results.count == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png", "00001.png"]
+    assert (np.array(media.Image.open(tmp_path / "00001.png")) == 1).all()
+
+
+def test_results_write_the_points_of_the_frames_done(tmp_path):
+    visible = np.array([True, False, True])
+    with pytest.raises(RuntimeError):
+        with media.Results(tmp_path, media.davis_palette(), points=("dog", 4, visible)) as results:
+            for x in (1.0, 2.0):
+                results.add(np.zeros((8, 8, 3), np.uint8), np.array([[x, 1.0], [x, 2.0]]))
+            raise RuntimeError("the video ended early")
+    doc = json.loads((tmp_path / "points.json").read_text())
+    assert doc == {"sequence": "dog", "frame_size": [8, 8], "frames": [4, 5],
+                   "xy": [[[1.0, 1.0], None, [1.0, 2.0]], [[2.0, 1.0], None, [2.0, 2.0]]]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["points.json"]

@@ -415,18 +415,19 @@ def test_precision_sets_the_encoders_arithmetic(monkeypatch, capsys):
         load_encoder(None, "model", CPU, "fp8")
 
 
-# A run that gets `signal` while it writes the mask of frame 1 (the second frame): os.kill from inside, so that the
+# A run that gets `signal` as it hands frame 1 (the second frame) to the writer: os.kill from inside, so that the
 # signal lands at a known frame on any machine, not after a sleep
 SIGNAL_DURING_FRAME_1 = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import media, propagate
-save_png = media.save_png
-def save_then_signal(labels, palette, path):
-    save_png(labels, palette, path)
-    if path.name == "00001.png":
+add, added = media.Results.add, []
+def add_then_signal(self, frame, result):
+    add(self, frame, result)
+    added.append(frame)
+    if len(added) == 2:
         os.kill(os.getpid(), signal.{name})
-media.save_png = save_then_signal
+media.Results.add = add_then_signal
 propagate.cli(sys.argv[1:])
 """
 
