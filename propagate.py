@@ -395,25 +395,25 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
         raise ValueError(f"{labels}: mask is {first_mask.shape[1]}x{first_mask.shape[0]} but the frames are {W}x{H}")
     prepare_out_dir(out, overwrite)
 
-    frames, shown = itertools.tee(itertools.islice(read_frames(video), start, start + total))  # tee buffers one
+    inputs, shown = itertools.tee(itertools.islice(read_frames(video), start, start + total))  # tee buffers one
     if points_mode:
-        results = propagate_points(frames, xy[visible], cfg, encoders, dev)
+        results = propagate_points(inputs, xy[visible], cfg, encoders, dev)
     else:
-        results = propagate_masks(frames, first_mask, cfg, encoders, dev)
-    written = Results(out, palette, video_fps(video) if overlay else None,
-                      (sequence, start, visible) if points_mode else None)
-    with StopSignals() as stop, written:
+        results = propagate_masks(inputs, first_mask, cfg, encoders, dev)
+    writer = Results(out, palette, video_fps(video) if overlay else None,
+                     (sequence, start, visible) if points_mode else None)
+    with StopSignals() as stop, writer:
         try:
             for result, frame in tqdm(zip(results, shown), total=total, unit="frame", desc=stem):
-                written.add(frame, result)  # written by a thread while the next frame is computed
+                writer.add(frame, result)  # written by a thread while the next frame is computed
                 if stop.received:
                     break
-            written.wait()
+            writer.wait()
         except (ValueError, OSError) as e:
             with contextlib.suppress(ValueError, OSError):
-                written.wait()  # the frame before the error is written all the same
-            raise ValueError(f"{e} ({written.count} of {total} frames written to {out})") from None
-    done = f"{written.count} of {total} frames written to {out}"
+                writer.wait()  # the frame before the error is written all the same
+            raise ValueError(f"{e} ({writer.count} of {total} frames written to {out})") from None
+    done = f"{writer.count} of {total} frames written to {out}"
     if stop.received:  # one line, and the exit status a shell reports for a process ended by that signal
         print(f"stopped by {signal.Signals(stop.received).name}: {done}; to go on, run the command again with "
               "--overwrite (it starts again from the first frame; --frames N for part of the video)", file=sys.stderr)
