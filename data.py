@@ -1,35 +1,28 @@
 """Training data for CorrFlow: videos on disk -> random frame triplets, colour jitter, Lab colour and its quantiser.
 
-Videos are files (mp4, avi, mkv, webm, mov) or folders of JPEG/PNG frames, anywhere under a root folder (Kinetics
-layout: one folder per class). `ClipDataset` samples clips of `num_frames` frames `frame_gap` apart, every valid
-start of every video equally likely, resized to size x size (aspect not kept), as `clean` targets and
-colour-jittered `frames` inputs; an epoch is the number of non-overlapping clips. `RunBatches` hands out the sample
-numbers of a run step by step (each sample's randomness is seeded by its number, so a resumed run or torchrun sees
-the same data). Frame counts are cached in `<root>/.corrflow_index.json` (or the user cache when the root is
-read-only), so a large folder is decoded once, not at every start.
-
-Targets are the (a, b) channels of Lab snapped to the nearest of 16 k-means centroids; `fit_centroids` fits them on
-pixels sampled from the training videos and `quantise` turns RGB frames into class index maps.
+`ClipDataset`: clips of frames `frame_gap` apart from the videos under a root folder (read by media.py; Kinetics
+layout: one folder per class), as `clean` targets and colour-jittered `frames` inputs; an epoch as long as CorrFlow's
+(about one clip per 12 frames). Frame counts are cached in `<root>/.corrflow_index.json` (or the user cache when the
+root is read-only). `RunBatches` hands out the sample numbers of a run step by step. Targets are the (a, b) channels
+of Lab snapped to the nearest of 16 k-means centroids: `fit_centroids` fits them, `quantise` applies them.
 """
 import hashlib
 import json
+import math
 import os
-import re
 import stat
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from files import atomic_write
+from media import VIDEO_EXTS, VideoError, count_frames, find_videos, read_frames
 
-VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 INDEX_NAME = ".corrflow_index.json"
 INDEX_VERSION = 1
 JITTER_STRENGTH = 0.1  # brightness, contrast, saturation and hue jitter (CorrFlow: 0.1 each)
@@ -37,153 +30,12 @@ SAMPLINGS = ("clips", "videos")  # every clip start equally likely (CorrFlow), o
 GREY_SPREAD = 0.01  # a clip whose pixels' max - min over R, G, B averages below this has no colour to learn
 
 
-class VideoError(ValueError):
-    """A video that is missing, cannot be opened or cannot be decoded. The message names the file."""
-
-
-# -----------------------------------------------------------------------------
-# finding and reading videos
-
-def _natural_key(name: str):
-    # "2.jpg" before "10.jpg": frame folders are not always zero-padded
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
-def _image_files(folder: Path) -> list:
-    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")),
-                  key=lambda p: _natural_key(p.name))
-
-
-def find_videos(root: Union[str, Path]) -> list:
-    """Every video under `root`, sorted by relative path: video files, and folders that directly hold >= 1 image
-    (one such folder is one video; it is not searched further). Hidden files and folders are ignored."""
-    root = Path(root)
-    videos, seen = [], set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:  # a symlink loop, or the same folder reached twice
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files = [f for f in files if not f.startswith(".")]
-        if folder != str(root) and any(Path(f).suffix.lower() in IMAGE_EXTS for f in files):
-            videos.append(Path(folder))
-            dirs[:] = []
-            continue
-        videos += [Path(folder) / f for f in files if Path(f).suffix.lower() in VIDEO_EXTS]
-    return sorted(videos, key=lambda p: _natural_key(p.relative_to(root).as_posix()))
-
-
-def _to_rgb(frame: np.ndarray) -> np.ndarray:
-    """Any decoded image -> (H, W, 3) uint8: grey is repeated, alpha dropped, 16 bits cut to 8."""
-    if frame.dtype == np.uint16:
-        frame = (frame >> 8).astype(np.uint8)
-    elif frame.dtype != np.uint8:
-        raise ValueError(f"unsupported frame dtype {frame.dtype}")
-    if frame.ndim == 2:
-        frame = frame[:, :, None]
-    if frame.shape[2] in (1, 2):  # grey, or grey + alpha
-        frame = np.repeat(frame[:, :, :1], 3, axis=2)
-    return np.ascontiguousarray(frame[:, :, :3])
-
-
-def _one_line(error: Exception, path: Path) -> str:
-    # FFmpeg's messages end with the file name, which ours already give
-    return f"{type(error).__name__}: {error}".replace(f": '{path}'", "").replace("\n", " ")
-
-
-def _pyav():
-    """PyAV, imported where a video file is read: frame folders, the colour code and everything that does not read
-    video (the kernels, their tests and benchmarks) work without it."""
-    try:
-        import av
-    except ImportError:
-        raise VideoError("reading video files needs PyAV: pip install av") from None
-    return av
-
-
-def read_frames(path: Union[str, Path], indices: Optional[Iterable[int]] = None) -> Iterator[np.ndarray]:
-    """Stream the frames of a video file or frame folder as (H, W, 3) uint8 RGB, one at a time.
-
-    `indices`, if given, selects frames (0-based): only those are converted and yielded, in increasing order, and
-    decoding stops after the last of them. Raises VideoError for a missing path or an unreadable video.
-
-    Video files are decoded with PyAV (the decoder behind imageio's "pyav" plugin) rather than `imageio.v3.imiter`,
-    because imiter converts every decoded frame to RGB; skipping that for frames we do not keep makes reading a
-    triplet near the end of a clip about 4x faster.
-    """
-    path = Path(path)
-    wanted = None if indices is None else sorted(set(int(i) for i in indices))
-    if wanted is not None and not wanted:
-        return
-    if not path.exists():
-        raise VideoError(f"video not found: {path}")
-    if path.is_dir():
-        files = _image_files(path)
-        for i in (range(len(files)) if wanted is None else [i for i in wanted if i < len(files)]):
-            try:
-                frame = iio.imread(files[i])
-            except Exception as e:
-                raise VideoError(f"cannot read frame {files[i]}: {_one_line(e, files[i])}") from e
-            yield _to_rgb(frame)
-        return
-    last, wanted = (None, None) if wanted is None else (wanted[-1], set(wanted))
-    av = _pyav()
-    try:
-        container = av.open(str(path))
-    except Exception as e:
-        raise VideoError(f"cannot open video {path}: {_one_line(e, path)}") from e
-    with container:  # closed also when the caller stops iterating early (GeneratorExit)
-        if not container.streams.video:
-            raise VideoError(f"no video stream in {path}")
-        decoded = container.decode(container.streams.video[0])
-        i = 0
-        while last is None or i <= last:
-            try:
-                frame = next(decoded, None)
-                keep = frame is not None and (wanted is None or i in wanted)
-                rgb = _to_rgb(frame.to_ndarray(format="rgb24")) if keep else None  # the costly part: only if kept
-            except Exception as e:
-                raise VideoError(f"cannot decode frame {i} of {path}: {_one_line(e, path)}") from e
-            if frame is None:
-                return
-            if keep:
-                yield rgb
-            i += 1
-
-
-def count_frames(path: Union[str, Path]) -> int:
-    """Number of frames: the container's count when it stores one (mp4, mkv...), else by decoding (no RGB
-    conversion). A frame folder counts its images. Raises VideoError like `read_frames`."""
-    path = Path(path)
-    if not path.exists():
-        raise VideoError(f"video not found: {path}")
-    if path.is_dir():
-        return len(_image_files(path))
-    av = _pyav()
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoError(f"no video stream in {path}")
-            stream = container.streams.video[0]
-            if stream.frames > 0:
-                return stream.frames
-            return sum(1 for _ in container.decode(stream))
-    except VideoError:
-        raise
-    except Exception as e:
-        raise VideoError(f"cannot read video {path}: {_one_line(e, path)}") from e
-
-
 # -----------------------------------------------------------------------------
 # colour: sRGB -> Lab, HSV, colour jitter
-
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1], (..., 3, H, W) -> CIE Lab (D65 white), same shape: L in [0, 100], a and b about [-128, 127].
     Computed in at least float32 and returned in the input's dtype, on its device."""
-    x = rgb.float() if rgb.dtype in (torch.float16, torch.bfloat16) else rgb
-    x = x.clamp(0, 1)
+    x = (rgb.float() if rgb.dtype in (torch.float16, torch.bfloat16) else rgb).clamp(0, 1)
     linear = torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)  # undo the sRGB gamma
     rgb_to_xyz = torch.tensor([[0.4124564, 0.3575761, 0.1804375],
                                [0.2126729, 0.7151522, 0.0721750],
@@ -235,8 +87,7 @@ def colour_jitter(frames: torch.Tensor, strength: float = JITTER_STRENGTH,
     for all frames of the call): brightness multiplies by a factor in [1-s, 1+s]; contrast blends with the frame's
     mean grey level; saturation blends with the frame's greyscale; hue rotates by up to +-s turns in HSV.
     Returns a new tensor in [0, 1]."""
-    shape = frames.shape
-    x = frames.reshape(-1, *shape[-3:])  # (N, 3, H, W)
+    x = frames.reshape(-1, *frames.shape[-3:])  # (N, 3, H, W)
     n = x.shape[0]
     # drawn on the CPU so that a CPU generator also works for frames on a GPU
     u = (torch.rand(4, n, generator=generator) * 2 - 1).to(x) * strength  # (4, N) in [-s, s]
@@ -254,25 +105,16 @@ def colour_jitter(frames: torch.Tensor, strength: float = JITTER_STRENGTH,
             hsv = _rgb_to_hsv(x)
             hue = (hsv[:, 0] + u[3].view(n, 1, 1)) % 1.0
             x = _hsv_to_rgb(torch.stack([hue, hsv[:, 1], hsv[:, 2]], dim=1)).clamp(0, 1)
-    return x.reshape(shape)
+    return x.reshape(frames.shape)
 
 
 # -----------------------------------------------------------------------------
 # the frame-count index, cached beside the videos
-
 def _index_files(root: Path) -> list:
     """Where the index may live: in the data root, else in the user cache, named by the root's absolute path."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "corrflow"
     digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
     return [root / INDEX_NAME, cache / f"index-{digest}.json"]
-
-
-def _writable(folder: Path) -> bool:
-    # a folder without write bits counts as read-only even for root, who could write into it anyway
-    try:
-        return os.access(folder, os.W_OK) and bool(stat.S_IMODE(folder.stat().st_mode) & 0o222)
-    except OSError:
-        return False
 
 
 def _load_index(root: Path) -> dict:
@@ -292,7 +134,8 @@ def _save_index(root: Path, videos: dict) -> Optional[Path]:
     for file in _index_files(root):
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            if not _writable(file.parent):
+            # a folder without write bits counts as read-only even for root, who could write into it anyway
+            if not (os.access(file.parent, os.W_OK) and stat.S_IMODE(file.parent.stat().st_mode) & 0o222):
                 continue
             with atomic_write(file, "w") as f:
                 f.write(text)
@@ -305,25 +148,23 @@ def _save_index(root: Path, videos: dict) -> Optional[Path]:
 
 # -----------------------------------------------------------------------------
 # the dataset
-
 class ClipDataset(torch.utils.data.Dataset):
     """Clips of `num_frames` frames `frame_gap` apart from the usable videos under `root`.
 
     Every valid start of every video is equally likely, so a 300-frame video gives 30 times the clips of a 10-frame
-    one (CorrFlow's original code makes every non-overlapping clip of every video a sample). `len()` is one epoch:
-    the number of non-overlapping clips, sum over videos of frames // span.
+    one. `len()` is one epoch, CorrFlow's original one: each video's frames `frame_gap` apart from its second (1, 5, 9,
+    13, ...) cut into consecutive clips of `num_frames`: ceil((n - 1) / gap) // num_frames clips of an n-frame video,
+    about n / 12 for (0, 4, 8) (a 9-frame video is sampled, but adds none).
 
-    Item n is sample number n of a training run: its clip and its jitter are drawn with a generator seeded by
-    (seed, n), so the stream of clips depends only on the sample number, and a resumed run, or the same samples
-    split over torchrun processes, sees the same data. A sample is {"frames": (T, 3, size, size) colour-jittered
-    input, "clean": (T, 3, size, size) the same frames without jitter, from which targets are made}, float in [0, 1].
-
-    in_memory=True decodes every video once, at construction, into uint8 frames at the training size (the
-    resized frames are rounded to 8 bits), so that a fast GPU never waits on video decoding; it costs
-    3 x size^2 bytes per frame of the whole set.
+    Item n is sample number n of a run: its clip and jitter are drawn with a generator seeded by (seed, n), so a
+    resumed run, or the same samples split over torchrun processes, sees the same data. A sample is {"frames":
+    (T, 3, size, size) colour-jittered input, "clean": the same frames without jitter (the targets)}, in [0, 1]; frames
+    are resized to size x size (aspect not kept), or with `crop` cropped from frames `size` on the short side.
 
     With `crop` and min_scale < 1, each sample is zoomed out by s drawn uniformly from [min_scale, 1]: a window of
-    crop / s pixels is shrunk to crop x crop, so objects appear at s times the scale of `size`.
+    crop / s pixels is shrunk to crop x crop, so objects appear at s times the scale of `size`. in_memory=True
+    decodes every video once, at construction, into uint8 frames at the training size, so that a fast GPU never waits
+    on decoding; it costs 3 x size^2 bytes per frame of the whole set.
     """
 
     def __init__(self, root: Union[str, Path], num_frames: int = 3, frame_gap: int = 4, size: int = 256,
@@ -337,23 +178,21 @@ class ClipDataset(torch.utils.data.Dataset):
         if crop > size:
             raise ValueError(f"a {crop}x{crop} crop does not fit in frames {size} pixels on their short side")
         if not 0 < min_scale <= 1 or (min_scale < 1 and not crop):
-            raise ValueError(f"min_scale {min_scale}: must be in (0, 1], and below 1 only with a crop "
-                             "(it zooms out of one)")
+            raise ValueError(f"min_scale {min_scale}: must be in (0, 1], and below 1 only with a crop (it zooms out)")
         self.num_frames, self.frame_gap, self.size, self.jitter_p = num_frames, frame_gap, size, jitter_p
         self.seed, self.crop, self.sampling, self.min_scale = seed, crop, sampling, min_scale
         self.span = (num_frames - 1) * frame_gap + 1  # frames a clip covers: 9 for CorrFlow's (0, 4, 8)
         paths = find_videos(self.root)
         cached = _load_index(self.root) if cache else {}
-        index = {}  # relative path -> {"size", "mtime_ns", and "frames" or "error"}
-        todo = []
+        index, todo = {}, []  # relative path -> {"size", "mtime_ns", and "frames" or "error"}; videos to count
         for path in paths:
             rel = path.relative_to(self.root).as_posix()
             try:
                 st = path.stat()
-                key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
             except OSError as e:  # e.g. a broken symlink
-                index[rel] = {"size": -1, "mtime_ns": -1, "error": f"cannot stat {path}: {_one_line(e, path)}"}
+                index[rel] = {"size": -1, "mtime_ns": -1, "error": f"cannot stat {path}: {e.strerror}"}
                 continue
+            key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
             entry = cached.get(rel)
             if entry and all(entry.get(k) == v for k, v in key.items()) and ("frames" in entry or "error" in entry):
                 index[rel] = entry
@@ -369,9 +208,8 @@ class ClipDataset(torch.utils.data.Dataset):
         self.videos, self.skipped = [], []  # [(path, n_frames)], [(path, reason)]
         for path in paths:
             entry = index[path.relative_to(self.root).as_posix()]
-            reason = entry.get("error")
-            if reason is None and entry["frames"] < self.span:
-                reason = f"{entry['frames']} frames, fewer than the {self.span} a clip spans"
+            reason = entry.get("error") or (f"{entry['frames']} frames, fewer than the {self.span} a clip spans"
+                                            if entry["frames"] < self.span else None)
             if reason is None:
                 self.videos.append((path, entry["frames"]))
             else:
@@ -386,13 +224,12 @@ class ClipDataset(torch.utils.data.Dataset):
         for reason in why:
             warnings.warn(f"skipping {reason}")
         self.index_file = _save_index(self.root, index) if cache and index != cached else None
-        self._failed = set()  # videos that failed while sampling, warned about once per process
-        self._grey = set()  # black-and-white videos found while sampling: skipped from then on
+        # videos that failed to decode (warned about once per process) or had no colour, found while sampling
+        self._failed, self._grey = set(), set()
         # clip starts of all videos end to end: start k of the run belongs to video bisect(ends, k)
         self._ends = np.cumsum([n - self.span + 1 for _, n in self.videos])
-        self.frames = None
+        self.frames = {} if in_memory else None  # path -> (n, 3, size, size) uint8
         if in_memory:
-            self.frames = {}  # path -> (n, 3, size, size) uint8
             for path, n in tqdm(self.videos, desc=f"decoding {self.root} into memory", unit="video"):
                 try:
                     self.frames[path] = (self._resize(read_frames(path)) * 255).round().to(torch.uint8)
@@ -401,7 +238,7 @@ class ClipDataset(torch.utils.data.Dataset):
                     warnings.warn(f"skipping a clip of {path}: {e}")
 
     def __len__(self) -> int:
-        return sum(n // self.span for _, n in self.videos)
+        return sum(math.ceil((n - 1) / self.frame_gap) // self.num_frames for _, n in self.videos)
 
     def _resize(self, frames: Iterable[np.ndarray]) -> torch.Tensor:
         """(H, W, 3) uint8 frames -> (T, 3, size, size) float in [0, 1], or with `crop`, (T, 3, h, w) scaled to
@@ -497,7 +334,6 @@ class RunBatches(torch.utils.data.Sampler):
 
 # -----------------------------------------------------------------------------
 # the 16-colour quantiser of the targets
-
 def fit_centroids(videos: Union[ClipDataset, str, Path, Sequence], n_clusters: int = 16, n_frames: int = 256,
                   pixels_per_frame: int = 1024, seed: int = 0, n_init: int = 2) -> torch.Tensor:
     """k-means on the (a, b) of pixels sampled from training frames -> centroids (n_clusters, 2) float32.
@@ -509,10 +345,8 @@ def fit_centroids(videos: Union[ClipDataset, str, Path, Sequence], n_clusters: i
 
     if isinstance(videos, ClipDataset):
         items = list(videos.videos)
-    elif isinstance(videos, (str, Path)):
-        items = [(p, None) for p in find_videos(videos)]
     else:
-        items = [(Path(p), None) for p in videos]
+        items = [(Path(p), None) for p in (find_videos(videos) if isinstance(videos, (str, Path)) else videos)]
     g = torch.Generator().manual_seed(seed)
     if len(items) > n_frames:
         items = [items[i] for i in sorted(torch.randperm(len(items), generator=g)[:n_frames].tolist())]

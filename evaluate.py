@@ -37,10 +37,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 import cli as cmdline  # the module; `cli` below is this file's entry point
 from files import atomic_write
+from media import all_joints, json_points, read_json, read_label_png, read_mask, read_points, save_png
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,8 +55,8 @@ def db_iou(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def boundary_map(mask: np.ndarray) -> np.ndarray:
     """Boolean (H, W): pixels that differ from their east, south or south-east neighbour (the official seg2bmap)."""
-    b = np.zeros_like(mask)
-    b[:-1, :-1] = (mask[:-1, :-1] != mask[:-1, 1:]) | (mask[:-1, :-1] != mask[1:, :-1]) | (mask[:-1, :-1] != mask[1:, 1:])
+    b, m = np.zeros_like(mask), mask[:-1, :-1]
+    b[:-1, :-1] = (m != mask[:-1, 1:]) | (m != mask[1:, :-1]) | (m != mask[1:, 1:])
     b[-1, :-1] = mask[-1, :-1] != mask[-1, 1:]  # last row: east neighbour only
     b[:-1, -1] = mask[:-1, -1] != mask[1:, -1]  # last column: south neighbour only; the corner stays 0
     return b
@@ -114,17 +114,6 @@ def db_boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) -> 
 
 # ----------------------------------------------------------------------------------------------------------------
 # DAVIS
-
-
-def read_label_png(path: Path) -> np.ndarray:
-    """(H, W) uint8 label map from a palette or grey PNG (palette indices, not colours)."""
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise ValueError(f"{path}: expected a palette or grey PNG of object ids, got mode {im.mode}")
-            return np.array(im)
-    except (OSError, SyntaxError) as e:  # PIL's messages for a truncated file do not name it
-        raise ValueError(f"{path}: cannot read the PNG ({type(e).__name__})") from None
 
 
 def read_annotation(path: Path) -> np.ndarray:
@@ -244,18 +233,13 @@ def propagate_davis(root: Path, out_dir: Path, sequences: list[str], args: argpa
         frame_paths = sequence_frames(root, seq)
         frames = (iio.imread(p) for p in frame_paths)  # (H, W, 3) uint8 RGB each, read as propagation streams
         first_path = Path(root) / "Annotations" / "480p" / seq / f"{frame_paths[0].stem}.png"
-        with Image.open(first_path) as first:
-            palette = first.getpalette()  # predictions get the annotations' colours
+        palette = read_mask(first_path)[1]  # predictions get the annotations' colours
         first_mask = read_annotation(first_path)
         seq_dir = Path(out_dir) / seq
         seq_dir.mkdir(parents=True, exist_ok=True)
         n = 0
         for path, labels in zip(frame_paths, propagate.propagate_masks(frames, first_mask, cfg, encoder, device)):
-            im = Image.fromarray(labels.astype(np.uint8))  # grey ids; with a palette, a palette PNG
-            if palette:
-                im.putpalette(palette)
-            with atomic_write(seq_dir / f"{path.stem}.png") as f:  # a failed write: one line naming the file
-                im.save(f, format="PNG")
+            save_png(labels.astype(np.uint8), palette, seq_dir / f"{path.stem}.png")  # grey ids without a palette
             n += 1
         if n != len(frame_paths):
             raise ValueError(f"{seq}: propagation gave {n} masks for {len(frame_paths)} frames")
@@ -298,7 +282,7 @@ def pck(pred: dict, gt: dict, alpha: float) -> float:
     return correct / total if total else float("nan")
 
 
-def score_points(pred_dir: Path, gt_dir: Path, alphas: tuple[float, ...] = (0.1, 0.2)) -> dict[str, dict[float, tuple[int, int]]]:
+def score_points(pred_dir: Path, gt_dir: Path, alphas: tuple[float, ...] = (0.1, 0.2)) -> dict[str, dict]:
     """{sequence: {alpha: (correct, scored)}} for every ground-truth JSON in gt_dir; each needs pred_dir/<seq>.json
     or pred_dir/<seq>/points.json (what `propagate.py VIDEO POINTS.json --out pred_dir/<seq>` writes)."""
     gt_paths = sorted(Path(gt_dir).glob("*.json"))
@@ -317,13 +301,6 @@ def score_points(pred_dir: Path, gt_dir: Path, alphas: tuple[float, ...] = (0.1,
         except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:  # a JSON of another layout
             raise ValueError(f"{pred_path} against {gt_path}: cannot score ({type(e).__name__}: {e})") from None
     return results
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:  # json's own message does not name the file
-        raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
 
 
 def report_points(results: dict) -> dict[float, float]:
@@ -410,10 +387,10 @@ def run_grid(root: Path, configs: dict, sequences: list[str], checkpoint, device
             seconds[name] += time.perf_counter() - t0
             results[name][seq] = score_masks(((f"{seq}/{p.stem}", m) for p, m in zip(frame_paths, masks)), gts)
             if gt_points is not None and gt_points.is_file():
-                _, start, xy, visible = propagate.read_points(gt_points)
+                _, start, xy, visible = read_points(gt_points)
                 tracks = propagate.propagate_points(frames[start:], xy[visible], cfg, encoders, dev)
                 pred = {"frames": list(range(start, len(frames))),
-                        "xy": [propagate.json_points(propagate.all_joints(t, visible)) for t in tracks]}
+                        "xy": [json_points(all_joints(t, visible)) for t in tracks]}
                 points[name][seq] = {a: pck_counts(pred, read_json(gt_points), a) for a in (0.1, 0.2)}
         for encoder in cached.values():
             encoder.embed.cache.clear()
@@ -473,32 +450,31 @@ def build_parser(propagation: bool = True) -> argparse.ArgumentParser:
     parser = cmdline.Parser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="task", required=True)  # subparsers are cmdline.Parser too: one-line errors
     davis = sub.add_parser("davis", help="J, F, J&F on a DAVIS-layout folder")
-    davis.add_argument("root", type=cmdline.existing_folder,
-                       help="JPEGImages/480p, Annotations/480p, ImageSets/2017/val.txt")
-    davis.add_argument("--predictions", type=cmdline.existing_folder,
-                       help="score DIR/<seq>/%%05d.png instead of propagating")
-    davis.add_argument("--out", type=cmdline.output_folder, help="where propagation writes DIR/<seq>/%%05d.png")
-    davis.add_argument("--overwrite", action="store_true", help="replace predictions already in --out")
-    davis.add_argument("--csv", type=cmdline.output_file, help="per-object scores (default: <predictions>/scores.csv)")
-    davis.add_argument("--sequences", nargs="+", help="default: every sequence of ImageSets/2017/val.txt")
-    davis.add_argument("--checkpoint", type=cmdline.existing_file,
-                       help="encoder weights for propagation (default: the shipped ones)")
-    davis.add_argument("--device", type=cmdline.device, default="auto",
-                       help="auto | cpu | cuda (default: cuda when available, else cpu)")
+    add = davis.add_argument
+    add("root", type=cmdline.existing_folder, help="JPEGImages/480p, Annotations/480p, ImageSets/2017/val.txt")
+    add("--predictions", type=cmdline.existing_folder, help="score DIR/<seq>/%%05d.png instead of propagating")
+    add("--out", type=cmdline.output_folder, help="where propagation writes DIR/<seq>/%%05d.png")
+    add("--overwrite", action="store_true", help="replace predictions already in --out")
+    add("--csv", type=cmdline.output_file, help="per-object scores (default: <predictions>/scores.csv)")
+    add("--sequences", nargs="+", help="default: every sequence of ImageSets/2017/val.txt")
+    add("--checkpoint", type=cmdline.existing_file, help="encoder weights for propagation (default: the shipped ones)")
+    add("--device", type=cmdline.device, default="auto",
+        help="auto | cpu | cuda (default: cuda when available, else cpu)")
     if propagation:  # --protocol, --features, --radius, ...
         import propagate
         propagate.add_propagation_args(davis)
     grid = sub.add_parser("grid", help="J&F (and PCK) of many propagation settings, each frame encoded once")
-    grid.add_argument("root", type=cmdline.existing_folder, help="a DAVIS-layout folder, as for davis")
-    grid.add_argument("--configs", type=cmdline.existing_file, required=True,
-                      help="JSON {name: {setting: value}} of PropagationConfig fields")
-    grid.add_argument("--out", type=cmdline.output_file, required=True,
-                      help="the CSV, one row per setting (rewritten after each sequence)")
-    grid.add_argument("--sequences", nargs="+", help="default: every sequence of ImageSets/2017/val.txt")
-    grid.add_argument("--keypoints", type=cmdline.existing_folder,
-                      help="keypoint JSONs: sequences that have one are tracked and scored (PCK) too")
-    grid.add_argument("--checkpoint", type=cmdline.existing_file, help="encoder weights (default: the shipped ones)")
-    grid.add_argument("--device", type=cmdline.device, default="auto", help="auto | cpu | cuda")
+    add = grid.add_argument
+    add("root", type=cmdline.existing_folder, help="a DAVIS-layout folder, as for davis")
+    add("--configs", type=cmdline.existing_file, required=True,
+        help="JSON {name: {setting: value}} of PropagationConfig fields")
+    add("--out", type=cmdline.output_file, required=True,
+        help="the CSV, one row per setting (rewritten after each sequence)")
+    add("--sequences", nargs="+", help="default: every sequence of ImageSets/2017/val.txt")
+    add("--keypoints", type=cmdline.existing_folder,
+        help="keypoint JSONs: sequences that have one are tracked and scored (PCK) too")
+    add("--checkpoint", type=cmdline.existing_file, help="encoder weights (default: the shipped ones)")
+    add("--device", type=cmdline.device, default="auto", help="auto | cpu | cuda")
     points = sub.add_parser("points", help="PCK@0.1 and PCK@0.2 of keypoint JSONs")
     points.add_argument("predictions", type=cmdline.existing_folder, help="folder of <sequence>.json")
     points.add_argument("--gt", type=cmdline.existing_folder, required=True, help="ground-truth keypoint JSONs")

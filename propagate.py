@@ -3,43 +3,43 @@
     python propagate.py VIDEO MASK.png [--out DIR]      # VIDEO: a video file or a folder of frames
     python propagate.py VIDEO POINTS.json [--out DIR]   # keypoints, in the layout of data/keypoints/*.json
     python propagate.py VIDEO MASK.png --features lab   # no learning: raw Lab colour as the features
-    python propagate.py VIDEO MASK.png --features model+lab  # one softmax over the sum of both logits
+    python propagate.py VIDEO MASK.png --frames 30      # only the first 30 frames
 
 Every frame is encoded once at stride 4. Its labels are copied from the references: the first frame with its true
-labels and the N most recent frames with their predicted labels, through one softmax over all
-candidates of each position: a (2 * radius + 1)^2 window of every reference (the first frame's may be wider), or only
-the top-k of them by score (`kernels.local_attention`). Only the references are kept, so memory does not grow with
-the video's length. The logits are <q, k> / T of the model's features (raw, or L2-normalised), -|q - k|^2 / T of
-Lab colour, or the sum of the two (`model+lab`). `--protocol corrflow` is the paper's protocol (previous frame only,
-its hard argmax fed back, radius 6, raw dot products); the default is the best setting measured on DAVIS (README):
-model+lab, normalised model features at temperature 0.05, top 10 of the candidates of the first frame (radius 12)
-and the 3 most recent frames (radius 8). On a GPU the encoder runs in bf16 and the references are kept in fp16, which
-the fused kernels multiply exactly and sum in fp32; on a CPU with bf16 units the encoder runs in bf16 (`--precision`).
-Outputs: one palette PNG per frame (00000.png ..., first frame included) or points.json, and an overlay video.
+labels and the N most recent frames with their predicted labels, through one softmax over all candidates of each
+position: a (2 * radius + 1)^2 window of every reference (the first frame's may be wider), or only the top-k of them
+by score (`kernels.local_attention`). Only the references are kept, so memory does not grow with the video's length.
+The logits are <q, k> / T of the model's features (raw, or L2-normalised), -|q - k|^2 / T of Lab colour, or the sum
+of the two (`model+lab`). `--protocol corrflow` is the paper's protocol; the default is the best setting measured on
+DAVIS (PROTOCOLS). On a GPU the encoder runs in bf16 and the references are kept in fp16, which the fused kernels
+multiply exactly and sum in fp32; on a CPU with bf16 units the encoder runs in bf16 (`--precision`).
+Outputs (media.Results): one palette PNG per frame (00000.png ..., first frame included) or points.json, and an
+overlay video. SIGTERM, SIGINT or SIGHUP stop it after the frame under way, every frame before it written.
 """
 import argparse
 import contextlib
 import functools
 import itertools
-import json
+import signal
 import sys
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import cli as cmdline  # the module; `cli` below is this file's entry point
-from data import count_frames, read_frames, rgb_to_lab
-from files import atomic_path, atomic_write
+from data import rgb_to_lab
 from kernels import local_attention
+from media import (Results, check_points_inside, count_frames, davis_palette, prepare_out_dir, read_frames,
+                   read_mask, read_points, video_fps)
+from media import save_png  # noqa: F401 (tests/test_files.py imports it from here)
 from model import STRIDE, bf16_faster, downsample_labels, encode, load_checkpoint
+from stopping import StopSignals
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "corrflow.pt"
 POINT_SIGMA = 1.0  # std of a keypoint's Gaussian heat map, in stride-4 cells (= 4 pixels of the frame)
@@ -48,18 +48,18 @@ POINT_TOPK = 5  # a point's location: probability-weighted mean of its 5 most pr
 
 @dataclass
 class PropagationConfig:
-    features: str = "model+lab"  # "model": CorrFlow encoder from a checkpoint; "lab": raw Lab colour, no learning; "model+lab": one softmax over the sum of both logits
+    features: str = "model+lab"  # "model": a checkpoint's CorrFlow encoder; "lab": raw Lab colour; "model+lab": both
     radius: int = 8  # window radius at stride 4: (2r+1)^2 = 17x17 candidates per reference (CorrFlow: 6)
     first_radius: Optional[int] = 12  # the first frame's window radius (25x25); None: `radius` (CorrFlow)
     topk: int = 10  # > 0: the softmax runs over the k best-scoring candidates of all references only; 0: all of them
-    temperature: Optional[float] = None  # the model features' softmax temperature; None: 1.0 (raw), NORMALIZED_TEMPERATURE (normalised)
+    temperature: Optional[float] = None  # the model's; None: 1.0 (raw features), NORMALIZED_TEMPERATURE (normalised)
     normalize: bool = True  # L2-normalise the model's features, so that logits are cosines / temperature (CorrFlow: no)
     lab_temperature: Optional[float] = None  # Lab colour's temperature of the squared distances; None: LAB_TEMPERATURE
     use_first: bool = True  # the first frame and its true labels stay a reference throughout (CorrFlow: no)
     num_recent: int = 3  # N most recent frames, with their predicted labels, as references (CorrFlow: 1)
     soft_labels: bool = True  # feed back probabilities; False: the full-resolution argmax (CorrFlow)
-    scale: float = 1.0  # frames are encoded at this fraction of their size (0.5: about 4x fewer encoder FLOPs and a window covering twice the motion); masks and points are still written at full size
-    precision: str = "auto"  # "fp32": encoder and references in fp32; "fp16": the encoder in bf16 autocast, references kept and compared in fp16 (the fused op's fp32 products and sums of 16-bit inputs); "auto": fp16 on a GPU, and on a CPU fp32 references with the encoder in bf16 where a probe finds it 10% faster
+    scale: float = 1.0  # encode at this fraction of the size (0.5: 1/4 of the FLOPs, windows span 2x the motion)
+    precision: str = "auto"  # "fp32", "fp16" or "auto": the encoder's and the references' arithmetic (`precisions`)
 
 
 PROTOCOLS = {
@@ -109,10 +109,31 @@ NORMALIZED_TEMPERATURE = 0.05  # the model's temperature when its features are L
 PROBE_SIZE = 128  # --precision auto on a CPU times the encoder on 2 frames of this size in fp32 and in bf16
 
 
-def check_precision(precision: str) -> None:
-    """The encoder (`net_encoder`) and the references (`storage_dtype`) read the same setting: one error for both."""
+def precisions(precision: str, device: torch.device, model: Optional[torch.nn.Module] = None
+               ) -> tuple[bool, torch.dtype]:
+    """--precision -> (the encoder runs in bf16 autocast, the dtype references are kept and compared in).
+
+    "fp32": fp32 both. "fp16": bf16, fp16. "auto": on a GPU bf16, fp16 (the fused kernels take model+lab's 68
+    channels only in 16 bits: fp32 above 64 channels spills registers; fp16's 11 mantissa bits leave the measured J&F
+    unchanged (README), bf16's 8 would not do for Lab's squared distances at temperature 0.0007); on a CPU fp32
+    references, and the encoder in bf16 where `model.bf16_faster` finds it faster for `model` (said in one line)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
+    if precision != "auto":
+        return precision == "fp16", torch.float16 if precision == "fp16" else torch.float32
+    if device.type != "cpu":
+        return device.type == "cuda", torch.float16
+    bf16 = False
+    if model is not None:
+        bf16, t32, t16 = bf16_faster(model, PROBE_SIZE, backward=False)
+        print(f"encoder on 2 frames at {PROBE_SIZE}x{PROBE_SIZE}: fp32 {t32 * 1e3:.0f} ms, bf16 {t16 * 1e3:.0f} ms: "
+              f"encoding in {'bf16' if bf16 else 'fp32'} (--precision to choose)", file=sys.stderr)
+    return bf16, torch.float32
+
+
+def storage_dtype(cfg: PropagationConfig, device: torch.device) -> torch.dtype:
+    """The dtype references are kept and compared in (`precisions`)."""
+    return precisions(cfg.precision, device)[1]
 
 
 def lab_features(rgb: torch.Tensor) -> torch.Tensor:
@@ -133,29 +154,20 @@ def load_encoder(checkpoint: Optional[str | Path], features: Optional[str], devi
     if features not in FEATURES:
         raise ValueError(f"unknown features '{features}' (choose {', '.join(FEATURES)})")
     lab = [Encoder(lab_features, squared_distance=True)] if "lab" in features.split("+") else []
-    return ([model_encoder(checkpoint, device, precision)] if "model" in features.split("+") else []) + lab
-
-
-def model_encoder(checkpoint: Optional[str | Path], device: torch.device, precision: str = "auto") -> Encoder:
-    """The CorrFlow encoder of `checkpoint` (None: the shipped one), as `net_encoder` runs it."""
+    if "model" not in features.split("+"):
+        return lab
     if checkpoint is None or Path(checkpoint) == DEFAULT_CHECKPOINT:
         if not DEFAULT_CHECKPOINT.is_file():
             raise ValueError(f"{DEFAULT_CHECKPOINT.relative_to(DEFAULT_CHECKPOINT.parents[1])} not found: the trained "
                              "weights are not shipped yet; pass --checkpoint PATH or use --features lab")
         checkpoint = DEFAULT_CHECKPOINT
     model, _, _ = load_checkpoint(checkpoint, map_location=device)
-    return net_encoder(model, device, precision)
+    return [net_encoder(model, device, precision)] + lab
 
 
 def net_encoder(model: torch.nn.Module, device: torch.device, precision: str = "auto") -> Encoder:
-    """A CorrFlow encoder (eval mode) on `device`: in bf16 autocast (channels-last) for precision "fp16", and for
-    "auto" on a GPU and on a CPU where `model.bf16_faster` finds bf16 faster (said in one line); fp32 otherwise."""
-    check_precision(precision)
-    bf16 = precision == "fp16" or (precision == "auto" and device.type == "cuda")
-    if precision == "auto" and device.type == "cpu":
-        bf16, t32, t16 = bf16_faster(model, PROBE_SIZE, backward=False)
-        print(f"encoder on 2 frames at {PROBE_SIZE}x{PROBE_SIZE}: fp32 {t32 * 1e3:.0f} ms, bf16 {t16 * 1e3:.0f} ms: "
-              f"encoding in {'bf16' if bf16 else 'fp32'} (--precision to choose)", file=sys.stderr)
+    """A CorrFlow encoder (eval mode) on `device`, in bf16 autocast (channels-last) or fp32 as `precisions` says."""
+    bf16, _ = precisions(precision, device, model)
     model = model.to(device, memory_format=torch.channels_last if bf16 else torch.contiguous_format)
     return Encoder(functools.partial(encode, model, bf16=bf16), squared_distance=False)
 
@@ -191,16 +203,6 @@ def to_frame(probs: torch.Tensor, H: int, W: int, scale: float) -> torch.Tensor:
     h, w = scaled_size(H, W, scale)
     full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)[..., :h, :w]
     return full if (h, w) == (H, W) else F.interpolate(full, size=(H, W), mode="bilinear", align_corners=False)
-
-
-def storage_dtype(cfg: PropagationConfig, device: torch.device) -> torch.dtype:
-    """The dtype references are kept and compared in. fp16 on a GPU: the fused kernels take model+lab's 68
-    channels only in 16 bits (fp32 above 64 channels spills registers), and fp16's 11 mantissa bits leave the
-    measured J&F unchanged (README); bf16's 8 would not do for Lab's squared distances at temperature 0.0007."""
-    check_precision(cfg.precision)
-    if cfg.precision == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
-    return torch.float16 if cfg.precision == "fp16" else torch.float32
 
 
 def temperatures(cfg: PropagationConfig, encoders: list[Encoder]) -> list[float]:
@@ -350,155 +352,17 @@ def propagate_points(frames: Iterable[np.ndarray], first_points: np.ndarray, cfg
         yield np.asarray(first_points, dtype=np.float64) if i == 0 else locate_points(heatmaps) / to_scaled
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Input and output files
-
-
-def davis_palette() -> list[int]:
-    """The DAVIS (PASCAL VOC) colour map: the bits of an index spread over the high bits of R, G and B."""
-    palette = []
-    for i in range(256):
-        rgb = [0, 0, 0]
-        for bit in range(8):
-            for c in range(3):
-                rgb[c] |= ((i >> (3 * bit + c)) & 1) << (7 - bit)
-        palette += rgb
-    return palette
-
-
-def read_mask(path: Path) -> tuple[np.ndarray, Optional[list[int]]]:
-    """A mask PNG -> (object ids (H, W) uint8, its palette or None). Palette PNGs give their indices; a grey PNG its
-    levels as ids, except a binary 0/255 one, whose 255 becomes object 1."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode, palette, ids = img.mode, img.getpalette() if img.mode == "P" else None, np.array(img)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot read the mask ({type(e).__name__})") from None
-    if ids.ndim == 3:  # RGB(A): accepted only when grey
-        if not (ids[..., 0] == ids[..., 1]).all() or not (ids[..., 1] == ids[..., 2]).all():
-            raise ValueError(f"{path}: a colour mask; save it as a palette PNG or a grey-level PNG of object ids")
-        ids = ids[..., 0]
-    if ids.max() > 255:
-        raise ValueError(f"{path}: object ids above 255 do not fit a palette PNG")
-    ids = ids.astype(np.uint8)
-    if mode != "P" and set(np.unique(ids)) <= {0, 255}:
-        ids = (ids == 255).astype(np.uint8)  # binary mask: one object
-    return ids, palette
-
-
-def read_points(path: Path) -> tuple[str, int, np.ndarray, np.ndarray]:
-    """A keypoint JSON -> (sequence, first labelled frame, points (J, 2) of that frame, visible (J,) bool)."""
-    try:
-        gt = json.loads(Path(path).read_text())
-        start = int(gt["frames"][0])
-        xy = np.asarray(gt["xy"][0], dtype=np.float64).reshape(-1, 2)  # (J, 2)
-        visible = np.asarray(gt["visible"][0], dtype=bool).reshape(len(xy))
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise ValueError(f"{path}: not a keypoint JSON with frames, xy and visible ({type(e).__name__})") from None
-    if start < 0 or not visible.any():
-        raise ValueError(f"{path}: no visible point in the first labelled frame")
-    return str(gt.get("sequence", Path(path).stem)), start, xy, visible
-
-
-def all_joints(tracked: np.ndarray, visible: np.ndarray) -> np.ndarray:
-    """The tracked points (J', 2) of the joints visible in the first labelled frame -> (J, 2) for every joint, nan for
-    the untracked ones."""
-    full = np.full((len(visible), 2), np.nan)
-    full[visible] = tracked
-    return full
-
-
-def json_points(full: np.ndarray) -> list:
-    """(J, 2) points -> the points JSON's row: [x, y] rounded to 0.01 px, null where untracked (nan)."""
-    return [None if np.isnan(p[0]) else [round(float(p[0]), 2), round(float(p[1]), 2)] for p in full]
-
-
-def check_points_inside(path: Path, xy: np.ndarray, visible: np.ndarray, W: int, H: int) -> None:
-    """Visible points must lie in the W x H frame: a point outside has no features to follow, and would give a
-    track that means nothing."""
-    for j in np.flatnonzero(visible):
-        x, y = xy[j]
-        if not (0 <= x < W and 0 <= y < H):  # also refuses nan
-            raise ValueError(f"{path}: point {j} at ({x:g}, {y:g}) lies outside the {W}x{H} frame")
-
-
-RESULT_NAMES = ("points.json", "overlay.mp4")
-
-
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a folder that already holds results, unless overwrite: then remove those results."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file: the output needs a folder (--out)")
-    results = [p for p in out.glob("*") if p.name in RESULT_NAMES or (p.suffix == ".png" and p.stem.isdigit())]
-    if results and not overwrite:
-        raise ValueError(f"{out} already holds results ({len(results)} files); pass --overwrite to replace them")
-    for p in results:
-        p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def save_png(labels: np.ndarray, palette: list[int], path: Path) -> None:
-    """Write (H, W) uint8 ids as a palette PNG, atomically: a temporary file renamed into place; a failed write is
-    one OSError naming `path`."""
-    img = Image.fromarray(labels)  # mode L; a palette turns it into P
-    img.putpalette(palette)
-    with atomic_write(path) as f:
-        img.save(f, format="PNG")
-
-
-def video_fps(video: Path) -> float:
-    """Frames per second of a video file (24 for a folder of frames or unknown)."""
-    if video.is_dir():
-        return 24.0
-    try:
-        return float(iio.immeta(video, plugin="pyav").get("fps") or 24.0)
-    except Exception:  # the frames reader reports unreadable videos itself
-        return 24.0
-
-
-@contextlib.contextmanager
-def overlay_video(path: Path, fps: float):
-    """Yields write(frame) for an H.264 mp4 (MPEG-4 without libx264), frames cropped to even sizes. The video goes
-    to a temporary file that replaces `path` when the block ends without an error and is removed otherwise."""
-    with atomic_path(path) as tmp:
-        file = iio.imopen(tmp, "w", plugin="pyav")
-        try:
-            import av  # only here and in data.py's readers: nothing else needs PyAV
-
-            file.init_video_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", fps=fps)
-
-            def write(frame: np.ndarray) -> None:
-                H, W = frame.shape[:2]
-                file.write_frame(np.ascontiguousarray(frame[:H - H % 2, :W - W % 2]))
-
-            yield write
-        finally:
-            file.close()
-
-
-def blend_mask(frame: np.ndarray, labels: np.ndarray, palette: list[int]) -> np.ndarray:
-    colours = np.asarray(palette, dtype=np.float32).reshape(-1, 3)[labels]  # (H, W, 3)
-    alpha = 0.5 * (labels > 0)[..., None]
-    return (frame * (1 - alpha) + colours * alpha).astype(np.uint8)
-
-
-def draw_points(frame: np.ndarray, points: np.ndarray, palette: list[int], radius: int = 4) -> np.ndarray:
-    out = frame.copy()
-    ys, xs = np.mgrid[:frame.shape[0], :frame.shape[1]]
-    for j, (x, y) in enumerate(points):
-        if np.isfinite(x) and np.isfinite(y):
-            out[(xs - x) ** 2 + (ys - y) ** 2 <= radius ** 2] = palette[3 * (j + 1):3 * (j + 2)]
-    return out
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 
 def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig, checkpoint: Optional[Path],
-         device: str = "auto", overlay: bool = True, overwrite: bool = False) -> Path:
-    """Propagate a mask PNG or a keypoint JSON through a video; returns the output folder."""
+         device: str = "auto", overlay: bool = True, overwrite: bool = False, frames: Optional[int] = None) -> Path:
+    """Propagate a mask PNG or a keypoint JSON through a video (its first `frames` frames from the first labelled
+    one, if given); returns the output folder. SIGTERM, SIGINT or SIGHUP stop it after the frame under way: the
+    process exits with 128 + the signal's number (143, 130, 129); an error on the way says how many frames were
+    written."""
     points_mode = labels.suffix.lower() == ".json"
     if points_mode:
         sequence, start, xy, visible = read_points(labels)
@@ -509,8 +373,7 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
             object_ids(first_mask)
         except ValueError as e:
             raise ValueError(f"{labels}: {e}") from None
-        palette = palette or davis_palette()
-        start = 0
+        palette, start = palette or davis_palette(), 0
     stem = video.stem if video.suffix else video.name
     out = out or Path(f"{stem}_{'points' if points_mode else 'masks'}")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -524,6 +387,7 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
         raise ValueError(f"{video}: no frames")
     if total < 2:
         raise ValueError(f"{video}: a single frame, nothing to propagate")
+    total = min(total, frames or total)
     H, W = first.shape[:2]
     if points_mode:
         check_points_inside(labels, xy, visible, W, H)
@@ -531,79 +395,72 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
         raise ValueError(f"{labels}: mask is {first_mask.shape[1]}x{first_mask.shape[0]} but the frames are {W}x{H}")
     prepare_out_dir(out, overwrite)
 
-    frames, shown = itertools.tee(itertools.islice(read_frames(video), start, None))  # tee buffers one frame
+    inputs, shown = itertools.tee(itertools.islice(read_frames(video), start, start + total))  # tee buffers one
     if points_mode:
-        results = propagate_points(frames, xy[visible], cfg, encoders, dev)
+        results = propagate_points(inputs, xy[visible], cfg, encoders, dev)
     else:
-        results = propagate_masks(frames, first_mask, cfg, encoders, dev)
-    tracks = []
-    video_out = overlay_video(out / "overlay.mp4", video_fps(video)) if overlay else contextlib.nullcontext()
-    with video_out as write_overlay:
-        for i, (result, frame) in enumerate(tqdm(zip(results, shown), total=total, unit="frame", desc=stem)):
-            if points_mode:
-                full = all_joints(result, visible)
-                tracks.append(json_points(full))
-                shown_frame = draw_points(frame, full, palette)
-            else:
-                save_png(result, palette, out / f"{i:05d}.png")
-                shown_frame = blend_mask(frame, result, palette)
-            if write_overlay:
-                write_overlay(shown_frame)
-    if points_mode:
-        H, W = frame.shape[:2]
-        doc = {"sequence": sequence, "frame_size": [W, H], "frames": list(range(start, start + len(tracks))),
-               "xy": tracks}
-        with atomic_write(out / "points.json", "w") as f:
-            f.write(json.dumps(doc))
+        results = propagate_masks(inputs, first_mask, cfg, encoders, dev)
+    writer = Results(out, palette, video_fps(video) if overlay else None,
+                     (sequence, start, visible) if points_mode else None)
+    with StopSignals() as stop, writer:
+        try:
+            for result, frame in tqdm(zip(results, shown), total=total, unit="frame", desc=stem):
+                writer.add(frame, result)  # written by a thread while the next frame is computed
+                if stop.received:
+                    break
+            writer.wait()
+        except (ValueError, OSError) as e:
+            with contextlib.suppress(ValueError, OSError):
+                writer.wait()  # the frame before the error is written all the same
+            raise ValueError(f"{e} ({writer.count} of {total} frames written to {out})") from None
+    done = f"{writer.count} of {total} frames written to {out}"
+    if stop.received:  # one line, and the exit status a shell reports for a process ended by that signal
+        print(f"stopped by {signal.Signals(stop.received).name}: {done}; to go on, run the command again with "
+              "--overwrite (it starts again from the first frame; --frames N for part of the video)", file=sys.stderr)
+        sys.exit(128 + stop.received)
+    print(f"{stem}: {done}" + (" (and overlay.mp4)" if overlay else ""))
     return out
 
 
 def add_propagation_args(parser: argparse.ArgumentParser) -> None:
-    """Propagation options: --protocol picks a preset; the other flags, when given, override it."""
-    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="default",
-                        help="default: model+lab features, top 10 of the candidates of the first frame (radius 12) "
-                             "and 3 recent frames (radius 8), soft labels; corrflow: the paper's (model features, "
-                             "previous frame, hard labels, radius 6)")
-    parser.add_argument("--features", choices=FEATURES,
-                        help="model: the CorrFlow encoder; lab: raw Lab colour, no learning; model+lab: one softmax "
-                             "over the sum of both logits (preset: model+lab; corrflow: model)")
-    parser.add_argument("--radius", type=cmdline.integer(0, 64),
-                        help="attention window radius at stride 4, 0..64 (preset: 8; corrflow: 6)")
-    parser.add_argument("--first-radius", type=cmdline.integer(0, 64),
-                        help="the first frame's window radius, 0..64 (preset: 12; corrflow: --radius)")
-    parser.add_argument("--topk", type=cmdline.integer(0, 4096),
-                        help="softmax over the k best-scoring candidates of all references only; 0: all (preset: 10; "
-                             "corrflow: 0)")
-    parser.add_argument("--num-recent", type=cmdline.integer(0, 100),
-                        help="number of recent frames used as references, 0..100 (preset: 3)")
-    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                        help="L2-normalise the model's features (preset: yes; corrflow: no)")
-    parser.add_argument("--temperature", type=cmdline.real(above=0),
-                        help=f"the model features' softmax temperature, > 0 (raw: 1.0, normalised: "
-                             f"{NORMALIZED_TEMPERATURE})")
-    parser.add_argument("--lab-temperature", type=cmdline.real(above=0),
-                        help=f"Lab colour's softmax temperature, > 0 (default: {LAB_TEMPERATURE})")
-    parser.add_argument("--no-first", action="store_true", help="do not keep the first frame as a reference")
-    parser.add_argument("--hard-labels", action="store_true",
-                        help="feed back the argmax (taken at full resolution), not probabilities")
-    parser.add_argument("--precision", choices=PRECISIONS,
-                        help="fp16: the encoder in bf16, the references kept and compared in fp16 (fp32 sums of "
-                             "16-bit values); fp32: both in fp32; auto: fp16 on a GPU, and on a CPU fp32 references "
-                             "with the encoder in bf16 where a probe finds it faster (default: auto)")
-    parser.add_argument("--scale", type=cmdline.real(0.1, 1),
-                        help="encode frames at this fraction of their size, 0.1..1 (about scale^2 of the time); "
-                             "outputs stay at full size (default: 1)")
+    """Propagation options (PropagationConfig): --protocol picks a preset; the other flags, when given, override it."""
+    add = parser.add_argument
+    add("--protocol", choices=sorted(PROTOCOLS), default="default",
+        help="default: model+lab features, top 10 of the candidates of the first frame (radius 12) and 3 recent "
+             "frames (radius 8), soft labels; corrflow: the paper's (model features, previous frame, hard labels, "
+             "radius 6)")
+    add("--features", choices=FEATURES, help="model: the CorrFlow encoder; lab: raw Lab colour, no learning; "
+        "model+lab: one softmax over the sum of both logits (preset: model+lab; corrflow: model)")
+    add("--radius", type=cmdline.integer(0, 64), help="attention window radius at stride 4, 0..64 (preset: 8; "
+        "corrflow: 6)")
+    add("--first-radius", type=cmdline.integer(0, 64),
+        help="the first frame's window radius, 0..64 (preset: 12; corrflow: --radius)")
+    add("--topk", type=cmdline.integer(0, 4096), help="softmax over the k best-scoring candidates of all references "
+        "only; 0: all (preset: 10; corrflow: 0)")
+    add("--num-recent", type=cmdline.integer(0, 100), help="number of recent frames used as references, 0..100 "
+        "(preset: 3)")
+    add("--normalize", action=argparse.BooleanOptionalAction, default=None,
+        help="L2-normalise the model's features (preset: yes; corrflow: no)")
+    add("--temperature", type=cmdline.real(above=0),
+        help=f"the model features' softmax temperature, > 0 (raw: 1.0, normalised: {NORMALIZED_TEMPERATURE})")
+    add("--lab-temperature", type=cmdline.real(above=0),
+        help=f"Lab colour's softmax temperature, > 0 (default: {LAB_TEMPERATURE})")
+    add("--no-first", action="store_true", help="do not keep the first frame as a reference")
+    add("--hard-labels", action="store_true", help="feed back the argmax (taken at full resolution), not probabilities")
+    add("--precision", choices=PRECISIONS, help="fp16: the encoder in bf16, the references kept and compared in fp16 "
+        "(fp32 sums of 16-bit values); fp32: both in fp32; auto: fp16 on a GPU, and on a CPU fp32 references with the "
+        "encoder in bf16 where a probe finds it faster (default: auto)")
+    add("--scale", type=cmdline.real(0.1, 1), help="encode frames at this fraction of their size, 0.1..1 (about "
+        "scale^2 of the time); outputs stay at full size (default: 1)")
 
 
 def config_from_args(args: argparse.Namespace) -> PropagationConfig:
     """The protocol's preset, then every explicitly given flag on top of it."""
     cfg = PropagationConfig(**PROTOCOLS[args.protocol])
-    for field, value in (("features", args.features), ("radius", args.radius), ("first_radius", args.first_radius), ("topk", args.topk),
-                         ("num_recent", args.num_recent), ("normalize", args.normalize),
-                         ("temperature", args.temperature), ("lab_temperature", args.lab_temperature),
-                         ("scale", args.scale), ("precision", args.precision)):
-        if value is not None:
-            cfg = replace(cfg, **{field: value})
+    for field in ("features", "radius", "first_radius", "topk", "num_recent", "normalize", "temperature",
+                  "lab_temperature", "scale", "precision"):  # the flags named as the fields
+        if getattr(args, field) is not None:
+            cfg = replace(cfg, **{field: getattr(args, field)})
     cfg = replace(cfg, use_first=False) if args.no_first else cfg
     if cfg.features == "lab":
         cfg = replace(cfg, normalize=False)  # the model's option: raw colour has nothing to normalise
@@ -618,16 +475,17 @@ def config_from_args(args: argparse.Namespace) -> PropagationConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cmdline.Parser(description=__doc__.split("\n")[0])
-    parser.add_argument("video", type=cmdline.existing_path, help="a video file or a folder of JPEG/PNG frames")
-    parser.add_argument("labels", type=cmdline.existing_file,
-                        help="first-frame mask PNG (palette, grey ids or binary) or points JSON")
-    parser.add_argument("--out", type=cmdline.output_folder,
-                        help="output folder (default: ./<video stem>_masks or _points)")
-    parser.add_argument("--checkpoint", type=cmdline.existing_file,
-                        help=f"encoder weights (default: {DEFAULT_CHECKPOINT.name} in checkpoints/)")
-    parser.add_argument("--device", type=cmdline.device, default="auto", help="auto | cpu | cuda (default: auto)")
-    parser.add_argument("--no-overlay", action="store_true", help="skip overlay.mp4")
-    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    add = parser.add_argument
+    add("video", type=cmdline.existing_path, help="a video file or a folder of JPEG/PNG frames")
+    add("labels", type=cmdline.existing_file, help="first-frame mask PNG (palette, grey ids or binary) or points JSON")
+    add("--out", type=cmdline.output_folder, help="output folder (default: ./<video stem>_masks or _points)")
+    add("--checkpoint", type=cmdline.existing_file,
+        help=f"encoder weights (default: {DEFAULT_CHECKPOINT.name} in checkpoints/)")
+    add("--device", type=cmdline.device, default="auto", help="auto | cpu | cuda (default: auto)")
+    add("--no-overlay", action="store_true", help="skip overlay.mp4")
+    add("--overwrite", action="store_true", help="replace the results already in --out")
+    add("--frames", type=cmdline.integer(2), help="propagate only the first N frames, N >= 2, from the first "
+        "labelled one (default: all)")
     add_propagation_args(parser)
     return parser
 
@@ -637,7 +495,7 @@ def cli(argv=None) -> Optional[Path]:
     args = build_parser().parse_args(argv)
     try:
         return main(args.video, args.labels, args.out, config_from_args(args), args.checkpoint, args.device,
-                    overlay=not args.no_overlay, overwrite=args.overwrite)
+                    overlay=not args.no_overlay, overwrite=args.overwrite, frames=args.frames)
     except (ValueError, OSError) as e:
         cmdline.fail(e)
 

@@ -1,4 +1,4 @@
-"""data.py: Lab colour, the quantiser, colour jitter, finding/reading videos, the clip dataset and its index cache."""
+"""data.py: Lab colour, the quantiser, colour jitter, the clip dataset, its epoch and its index cache."""
 import colorsys
 import os
 import shutil
@@ -79,52 +79,6 @@ def test_colour_jitter():
     assert_close(data.colour_jitter(frames, strength=0.0), frames, atol=1e-5, rtol=0)
 
 
-# ---------------------------------------------------------------- finding and reading videos
-
-def test_find_videos(tmp_path):
-    for name in ["b_class/z.webm", "a_class/y.AVI", "a_class/x.mp4", "a_class/notes.txt", "c.MOV", "d.mkv",
-                 "frames/seq1/00000.jpg", "frames/seq1/00001.jpg", "frames/seq2/0.PNG", ".hidden/h.mp4",
-                 "e/.tmp.mp4", "labels/a.json"]:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).touch()
-    (tmp_path / "empty").mkdir()
-    found = [p.relative_to(tmp_path).as_posix() for p in data.find_videos(tmp_path)]
-    assert found == ["a_class/x.mp4", "a_class/y.AVI", "b_class/z.webm", "c.MOV", "d.mkv", "frames/seq1",
-                     "frames/seq2"]
-    assert found == [p.relative_to(tmp_path).as_posix() for p in data.find_videos(str(tmp_path))]
-
-
-def test_read_frame_folder(tmp_path):
-    grey = np.full((6, 8), 7, np.uint8)
-    rgba = np.zeros((6, 8, 4), np.uint8)
-    rgba[..., 0], rgba[..., 3] = 200, 255
-    iio.imwrite(tmp_path / "2.png", grey)
-    iio.imwrite(tmp_path / "10.png", rgba)
-    frames = list(data.read_frames(tmp_path))  # natural order: 2 before 10
-    assert [f.shape for f in frames] == [(6, 8, 3)] * 2 and all(f.dtype == np.uint8 for f in frames)
-    assert (frames[0] == 7).all() and (frames[1][..., 0] == 200).all() and (frames[1][..., 1:] == 0).all()
-    assert data.count_frames(tmp_path) == 2
-    assert len(list(data.read_frames(tmp_path, [1]))) == 1
-
-
-def test_read_video_file(tmp_path):
-    write_video(tmp_path / "v.mp4", 12)
-    assert data.count_frames(tmp_path / "v.mp4") == 12
-    frames = list(data.read_frames(tmp_path / "v.mp4"))
-    assert len(frames) == 12 and frames[0].shape == (32, 48, 3) and frames[0].dtype == np.uint8
-    picked = list(data.read_frames(tmp_path / "v.mp4", [9, 2, 5]))
-    assert len(picked) == 3 and all(np.array_equal(a, frames[i]) for a, i in zip(picked, [2, 5, 9]))
-
-
-def test_read_errors_name_the_file(tmp_path):
-    (tmp_path / "x.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
-    for path in [tmp_path / "missing.mp4", tmp_path / "x.mp4"]:
-        with pytest.raises(data.VideoError, match=path.name):
-            list(data.read_frames(path))
-        with pytest.raises(data.VideoError, match=path.name):
-            data.count_frames(path)
-
-
 # ---------------------------------------------------------------- the dataset
 
 @pytest.fixture
@@ -149,7 +103,7 @@ def test_dataset_skips_bad_videos_and_samples_clips(clip_folder):
     assert any("x.mp4" in m for m in messages) and any("short.mp4" in m and "3 frames" in m for m in messages)
     assert sorted(p.name for p, _ in ds.skipped) == ["short.mp4", "x.mp4"]
     assert sorted(p.name for p, _ in ds.videos) == sorted(GOOD_CLIPS)
-    assert len(ds) == 35 // 9 + 36 // 9  # an epoch: the non-overlapping clips of every video
+    assert len(ds) == 3 + 3  # an epoch as CorrFlow's: frames 1, 5, 9 | 13, 17, 21 | 25, 29, 33 of 35 or 36
     sample = ds[0]
     assert sample["frames"].shape == sample["clean"].shape == (3, 3, 64, 64)
     assert sample["clean"].dtype == torch.float32 and 0 <= sample["clean"].min() and sample["clean"].max() <= 1
@@ -170,7 +124,7 @@ def test_every_clip_start_is_equally_likely(tmp_path, monkeypatch):
                         lambda path, start: drawn.append((path.name, start)) or torch.rand(3, 3, 16, 16))
     for n in range(3000):
         ds[n]
-    assert len(ds) == 12 // 9 + 40 // 9
+    assert len(ds) == 1 + 3  # 12 frames: 1, 5, 9; 40 frames: three clips (1 .. 33); not 12 // 9 + 40 // 9
     assert set(drawn) == {("short.mp4", s) for s in range(4)} | {("long.mp4", s) for s in range(32)}
     share = sum(name == "short.mp4" for name, _ in drawn) / len(drawn)
     assert abs(share - 4 / 36) < 0.02, share  # by starts, not one video in two

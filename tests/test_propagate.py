@@ -1,6 +1,7 @@
 """propagate.py end to end on short real clips (CPU, downscaled frames), its bad-input errors and its streaming."""
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -295,7 +296,8 @@ def test_full_disk_is_one_line_and_leaves_no_temporary_file(clip, tmp_path, full
     with pytest.raises(SystemExit):
         propagate.cli([str(frames), str(mask), "--out", str(out), "--features", "lab"])
     err = capsys.readouterr().err
-    assert err.splitlines()[-1] == f"error: cannot write {out / '00002.png'}: No space left on device"
+    assert err.splitlines()[-1] == (f"error: cannot write {out / '00002.png'}: No space left on device "
+                                    f"(2 of 4 frames written to {out})")
     assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png"]
     # points: the same for points.json
     points = tmp_path / "points.json"
@@ -399,15 +401,74 @@ def test_precision_sets_the_encoders_arithmetic(monkeypatch, capsys):
     net, _, _ = model.load_checkpoint(propagate.DEFAULT_CHECKPOINT)
     with torch.no_grad():
         plain = net(rgb)
-    fp32, _ = propagate.model_encoder(None, CPU, "fp32")(rgb)
-    bf16, _ = propagate.model_encoder(None, CPU, "fp16")(rgb)
+    fp32, _ = load_encoder(None, "model", CPU, "fp32")[0](rgb)
+    bf16, _ = load_encoder(None, "model", CPU, "fp16")[0](rgb)
     assert torch.equal(fp32, plain) and bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
     assert torch.nn.functional.cosine_similarity(bf16, fp32, dim=1).min() > 0.99
     for faster, expected in ((False, fp32), (True, bf16)):
         monkeypatch.setattr(propagate, "bf16_faster", lambda *a, faster=faster, **k: (faster, 0.2, 0.1))
-        auto, _ = propagate.model_encoder(None, CPU, "auto")(rgb)
+        auto, _ = load_encoder(None, "model", CPU, "auto")[0](rgb)
         assert torch.equal(auto, expected)
         assert capsys.readouterr().err.strip().endswith(f"encoding in {'bf16' if faster else 'fp32'} "
                                                         "(--precision to choose)")
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
-        propagate.model_encoder(None, CPU, "fp8")
+        load_encoder(None, "model", CPU, "fp8")
+
+
+# A run that gets `signal` as it hands frame 1 (the second frame) to the writer: os.kill from inside, so that the
+# signal lands at a known frame on any machine, not after a sleep
+SIGNAL_DURING_FRAME_1 = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import media, propagate
+add, added = media.Results.add, []
+def add_then_signal(self, frame, result):
+    add(self, frame, result)
+    added.append(frame)
+    if len(added) == 2:
+        os.kill(os.getpid(), signal.{name})
+media.Results.add = add_then_signal
+propagate.cli(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_a_signal_stops_after_the_frame_under_way(shared_data, tmp_path, sig, code):
+    """SIGTERM, SIGINT or SIGHUP: the frame under way is finished, every frame before the stop is written and
+    readable, no temporary file is left, and the run says so in one line and exits with 128 + the signal."""
+    frames = copy_clip(shared_data, "blackswan", 8, tmp_path / "blackswan")
+    mask = tmp_path / "first.png"
+    annotation(shared_data, "blackswan", 0).save(mask)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-c", SIGNAL_DURING_FRAME_1.format(root=str(ROOT), name=sig.name),
+                          str(frames), str(mask), "--out", str(out), "--features", "lab"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == code, run.stderr
+    assert run.stderr.splitlines()[-1].startswith(f"stopped by {sig.name}: 2 of 8 frames written to {out}; ")
+    assert "--overwrite" in run.stderr.splitlines()[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "overlay.mp4"]  # no .tmp files
+    assert all(read_png(out / f"0000{i}.png").shape == (SIZE[1], SIZE[0]) for i in range(2))
+    assert iio.imread(out / "overlay.mp4", plugin="pyav").shape[0] == 2
+
+
+def test_an_error_mid_video_says_how_many_frames_were_written(clip, tmp_path):
+    frames, mask = clip
+    (frames / "00002.jpg").write_bytes(b"not a jpeg")  # the third frame cannot be read
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"00002.jpg.* \(2 of 4 frames written to .*out\)$"):
+        main(frames, mask, out, PropagationConfig(features="lab"), None, "cpu")
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png"]  # the overlay of a failed run goes
+
+
+def test_frames_propagates_the_first_n_and_the_last_line_names_the_folder(clip, tmp_path, capsys):
+    frames, mask = clip
+    out = tmp_path / "out"
+    propagate.cli([str(frames), str(mask), "--out", str(out), "--features", "lab", "--frames", "3"])
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
+    assert iio.imread(out / "overlay.mp4", plugin="pyav").shape[0] == 3
+    assert capsys.readouterr().out.splitlines()[-1] == f"blackswan: 3 of 3 frames written to {out} (and overlay.mp4)"
+    points = tmp_path / "points.json"
+    points.write_text(json.dumps({"sequence": "blackswan", "frame_size": list(SIZE), "frames": [1],
+                                  "xy": [[[80, 40]]], "visible": [[True]]}))
+    main(frames, points, tmp_path / "pts", PropagationConfig(features="lab"), None, "cpu", overlay=False, frames=2)
+    assert json.loads((tmp_path / "pts" / "points.json").read_text())["frames"] == [1, 2]
