@@ -156,11 +156,12 @@ class Run:
     save) after it, `finish` at the end. Its `cfg` is what checkpoints save: a --minutes run saves the step count
     it fixed, so that --resume continues the same schedule."""
 
-    def __init__(self, cfg, proc: Process, step: int, total: int, model, optimizer, centroids, validate, stop):
+    def __init__(self, cfg, proc: Process, step: int, total: int, model, optimizer, centroids, validate, stop,
+                 started: float):
         self.cfg, self.proc, self.step, self.total = cfg, proc, step, total
         self.model, self.optimizer, self.centroids = model, optimizer, centroids
         self.validate, self.stop = validate, stop
-        self.budget = Budget(cfg.minutes) if cfg.minutes else None  # wall time from the process's start
+        self.budget = Budget(cfg.minutes, started) if cfg.minutes else None  # wall time from `started` on
         self.out = Path(cfg.out)
         self.ckpt = self.out / "ckpt.pt"
         self.log = self.out / "log.csv"

@@ -84,7 +84,8 @@ def process_start() -> float:
 
 
 class Budget:
-    """--minutes: wall time from the process's start, start-up (reading the videos, the bf16 probe) included.
+    """--minutes: wall time from `start` (by default the process's), start-up (reading the videos, the bf16 probe)
+    included.
 
     The lr milestones and p(gt) are spread over the run's length, so it is fixed early: steps SKIP+1 .. SKIP+TIMED
     are timed (the first SKIP left out: allocator, loader start, cuDNN autotuning), or fewer when they already

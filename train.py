@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import cli as cmdline  # the module; `cli` below is this file's entry point
 import run
 from data import ClipDataset, RunBatches, fit_centroids, quantise
 from model import CorrFlow, ModelConfig, copy_labels, downsample_labels, encode
-from stopping import StopSignals, ignore_in_worker
+from stopping import StopSignals, ignore_in_worker, process_start
 
 
 @dataclass
@@ -196,14 +197,16 @@ def validation_ce(model, batches, centroids, cfg: TrainConfig, bf16: bool) -> fl
 # ------------------------------------------------------------------------------------------- training
 
 
-def main(cfg: TrainConfig) -> Path:
+def main(cfg: TrainConfig, started: float = None) -> Path:
     """Train; returns the path of the exported inference weights (<out>/corrflow.pt). SIGTERM, SIGINT or SIGHUP
-    end the run after the step under way: it saves and exports as at the end, then raises SystemExit(128 + signal)."""
+    end the run after the step under way: it saves and exports as at the end, then raises SystemExit(128 + signal).
+    --minutes counts from `started` (time.time()): the command line's is its process's start; by default, now."""
+    started = time.time() if started is None else started
     with contextlib.ExitStack() as held:  # the output folder's lock and the signal handlers, however the run ends
-        return _train(cfg, held)
+        return _train(cfg, held, started)
 
 
-def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
+def _train(cfg: TrainConfig, held: contextlib.ExitStack, started: float) -> Path:
     # -- setup: the quick refusals first (flags, a folder in use, unreadable files), then the data, the model
     if cfg.minutes > 0 and cfg.steps:
         raise ValueError("give --steps or --minutes, not both")
@@ -243,7 +246,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
     val.seed, val.jitter_p, val.min_scale = cfg.seed + 1, 0.0, 1.0
     val = [val[i]["clean"] for i in range(cfg.val_clips)] if proc.master and cfg.val_every else []
     val = [torch.stack(val[i:i + cfg.batch_size]).to(proc.device) for i in range(0, len(val), cfg.batch_size)]
-    runner = run.Run(cfg, proc, step, total_steps, raw_model, optimizer, centroids, stop=stop,
+    runner = run.Run(cfg, proc, step, total_steps, raw_model, optimizer, centroids, stop=stop, started=started,
                      validate=lambda: validation_ce(raw_model, val, centroids, cfg, bf16))
 
     # -- the loop
@@ -293,7 +296,7 @@ def cli(argv=None) -> Path:
     """The command line: parse, train; an expected failure (bad input, unreadable file, a NaN loss) is one line."""
     config = parse_args(argv)
     try:
-        return main(config)
+        return main(config, started=process_start())
     except (ValueError, OSError, FloatingPointError) as e:
         cmdline.fail(e)
 

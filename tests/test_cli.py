@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import evaluate
 import model
 import propagate
@@ -366,7 +367,8 @@ def test_resume_keeps_the_schedule_and_says_what_it_ignores(train_inputs, capsys
     net = model.CorrFlow(cfg.model)
     out.mkdir()
     ckpt = out / "ckpt.pt"
-    train.save_atomic(train.checkpoint(net, torch.optim.Adam(net.parameters()), 1, cfg, torch.randn(16, 2) * 30), ckpt)
+    model.save_atomic(checkpoints.checkpoint(net, torch.optim.Adam(net.parameters()), 1, cfg, torch.randn(16, 2) * 30),
+                      ckpt)
 
     problem, line = refusal(train.cli, argv + ["--resume", "--steps=3"], tmp_path, capsys)
     assert not problem and "--steps 3" in line and f"--init {ckpt} --out" in line, (problem, line)
