@@ -152,8 +152,8 @@ def wrap_for_ddp(model: torch.nn.Module, proc: Process) -> torch.nn.Module:
 
 
 class Run:
-    """The loop's bookkeeping: `keep_going` before each step, `check` on its loss, `after_step` (log, validate,
-    save) after it, `finish` at the end. Its `cfg` is what checkpoints save: a --minutes run saves the step count
+    """The loop's bookkeeping, a context (it holds the progress bar): `keep_going` before each step, `check` on its
+    loss, `after_step` (log, validate, save) after it, `finish` at the end. Its `cfg` is what checkpoints save: a --minutes run saves the step count
     it fixed, so that --resume continues the same schedule."""
 
     def __init__(self, cfg, proc: Process, step: int, total: int, model, optimizer, centroids, validate, stop,
@@ -171,6 +171,12 @@ class Run:
                         unit="step")
         if proc.master:
             trim_log(self.log, step)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):  # the progress bar closed however the run ends: an error is printed on its own line
+        self.bar.close()
 
     def keep_going(self, step: int) -> bool:
         """Before a step: whether to take it. Fixes a --minutes run's length once its speed is known."""

@@ -246,8 +246,9 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, started: float) -> Path
     val.seed, val.jitter_p, val.min_scale = cfg.seed + 1, 0.0, 1.0
     val = [val[i]["clean"] for i in range(cfg.val_clips)] if proc.master and cfg.val_every else []
     val = [torch.stack(val[i:i + cfg.batch_size]).to(proc.device) for i in range(0, len(val), cfg.batch_size)]
-    runner = run.Run(cfg, proc, step, total_steps, raw_model, optimizer, centroids, stop=stop, started=started,
-                     validate=lambda: validation_ce(raw_model, val, centroids, cfg, bf16))
+    validate = functools.partial(validation_ce, raw_model, val, centroids, cfg, bf16)
+    runner = held.enter_context(run.Run(cfg, proc, step, total_steps, raw_model, optimizer, centroids, validate, stop,
+                                        started))
 
     # -- the loop
     model.train()
