@@ -4,7 +4,6 @@ a --centroids file, the log CSV (<out>/log.csv), and the output folder it holds 
 Every file is written through files.py (a temporary file renamed into place), so a crash, a full disk or a signal
 never leaves half of one. Checkpoints written by earlier versions of train.py load: what they lack is derived.
 """
-import contextlib
 import csv
 import dataclasses
 import random
@@ -128,8 +127,9 @@ def finished(state: dict, cfg, master: bool = True) -> bool:
         return False
     if master:
         path = Path(cfg.out) / "ckpt.pt"
-        print(f"resuming {path} at step {state['step']}/{total}")
-        export_weights(path, Path(cfg.out) / "corrflow.pt")
+        with output_folder(path.parent):
+            print(f"resuming {path} at step {state['step']}/{total}")
+            export_weights(path, path.parent / "corrflow.pt")
         print(f"done: {state['step']} steps; checkpoint {path}, weights for propagate.py {path.parent / 'corrflow.pt'}")
     return True
 
@@ -199,16 +199,7 @@ def append_log(path: Path, row: dict):
         w.writerow(row)
 
 
-@contextlib.contextmanager
-def output_folder(out: Path):
-    """The run's folder, created if needed, held with its lock (files.FolderLock) while the block runs; a run that
-    ends having written nothing into a folder it created removes it again: a refused run leaves no trace."""
-    created = [p for p in (out, *out.parents) if not p.exists()]
+def output_folder(out: Path) -> FolderLock:
+    """The run's folder, created, and its lock (files.FolderLock) to hold while the run writes into it."""
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        with FolderLock(out):
-            yield out
-    finally:
-        for folder in created:  # the deepest first
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only an empty one
+    return FolderLock(out)

@@ -120,8 +120,8 @@ def _cpu_key(backward: bool) -> str:
     """What the probe's answer depends on: the CPU model, the instructions torch uses on it, torch's version."""
     name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
-        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                    name)
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), name)
     return f"{name} | {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__} | " + (
         "forward+backward" if backward else "forward")
 

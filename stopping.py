@@ -76,7 +76,8 @@ def process_start() -> float:
     start-up count too. Elsewhere, when this module was imported."""
     try:
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # from field 3 (state) on
-        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
         start = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: clock ticks after boot
     except (OSError, ValueError, IndexError, StopIteration):
         return _IMPORTED

@@ -28,6 +28,7 @@ import checkpoints
 import cli as cmdline  # the module; `cli` below is this file's entry point
 import run
 from data import ClipDataset, RunBatches, fit_centroids, quantise
+from files import FolderLock
 from model import CorrFlow, ModelConfig, copy_labels, downsample_labels, encode
 from stopping import StopSignals, ignore_in_worker, process_start
 
@@ -213,7 +214,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, started: float) -> Path
     proc = run.start_process(cfg.device)
     cfg = dataclasses.replace(cfg, device=proc.device.type)
     if proc.master:
-        held.enter_context(checkpoints.output_folder(Path(cfg.out)))  # one run per folder
+        FolderLock(cfg.out).check()  # a folder in use by another run: refused before any work
     state, cfg = checkpoints.resume(cfg, proc.master)
     if state is not None and checkpoints.finished(state, cfg, proc.master):
         return Path(cfg.out) / "corrflow.pt"  # nothing left to do: no data read, no probe
@@ -230,6 +231,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, started: float) -> Path
         centroids = run.broadcast(centroids.float().to(proc.device), proc)
     centroids = centroids.float().to(proc.device)
     stop = held.enter_context(StopSignals())  # a signal from here on: finish the step, save, export, exit
+    if proc.master:  # only now: a run refused above leaves no trace
+        held.enter_context(checkpoints.output_folder(Path(cfg.out)))  # one run per folder
     batches = max(1, cfg.epochs * len(clips) // (cfg.batch_size * proc.world))
     total_steps = cfg.steps or (10**9 if cfg.minutes else batches)  # --minutes: fixed after its first steps
 
