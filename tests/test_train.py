@@ -87,6 +87,7 @@ def read_log(out):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss(clip_folder, tmp_path):
     folder, centroids = clip_folder
     cfg = small_config(folder, centroids, tmp_path / "run", steps=8, jitter_p=0.0, dropout_none_p=1.0,
@@ -97,6 +98,7 @@ def test_a_few_steps_lower_the_loss(clip_folder, tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(clip_folder, tmp_path, monkeypatch):
     folder, centroids = clip_folder
     whole = small_config(folder, centroids, tmp_path / "whole", steps=4)
@@ -127,6 +129,7 @@ def test_resume_equals_uninterrupted_run(clip_folder, tmp_path, monkeypatch):
     assert [r["loss"] for r in read_log(whole.out)] == [r["loss"] for r in read_log(parts.out)]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(clip_folder, tmp_path):
     """Two gloo processes with batch 1 each compute the same loss and gradients as one process with batch 2.
 
@@ -341,6 +344,7 @@ def leftovers(out) -> list:
     return sorted(p.name for p in Path(out).iterdir() if p.name not in ("ckpt.pt", "corrflow.pt", "log.csv"))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_every_step_done_and_resume_continues(clip_folder, tmp_path):
     folder, centroids = clip_folder
     out = tmp_path / "run"
@@ -397,6 +401,7 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(clip_f
 # ---------------------------------------------------------------------------------------------- one run per folder
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_folder_is_refused(clip_folder, tmp_path):
     folder, centroids = clip_folder
     out = tmp_path / "run"
