@@ -123,8 +123,11 @@ def start_process(device: str) -> Process:
     return proc
 
 
-def broadcast(tensor: torch.Tensor, proc: Process) -> torch.Tensor:
-    """Under torchrun, the first process's `tensor` in every process (e.g. the centroids it fitted)."""
+def broadcast(tensor, shape: tuple, proc: Process) -> torch.Tensor:
+    """The first process's fp32 `tensor` (e.g. the centroids it fitted), on every process's device; the others
+    give None and get it (under torchrun)."""
+    tensor = torch.empty(shape) if tensor is None else tensor
+    tensor = tensor.float().to(proc.device)
     if proc.ddp:
         dist.broadcast(tensor, 0)
     return tensor

@@ -53,19 +53,19 @@ class TrainConfig:
     # -- the run
     data: str = "kinetics/"  # folder of videos, searched recursively (video files or folders of frames)
     out: str = "runs/corrflow"  # checkpoints, the log CSV and the exported weights; one run at a time (<out>/.lock)
-    steps: int = 0  # optimiser steps; 0: derived from `epochs` or `minutes`
+    steps: int = 0  # optimiser steps; 0: derived from --epochs or --minutes
     minutes: float = 0.0  # wall-clock budget instead of steps, counted from the start of the process (reading the
     #   videos and the bf16 probe included): the first steps are timed (up to 20, after 5 of warm-up), then the step
     #   count is fixed to what fits (p(gt) and fractional lr points spread over it); saves and exports when time is up
     warmup_steps: int = 0  # lr rises linearly over these first steps; a run started with --init from weights without
     #   optimiser state gets 50
-    crop: int = 0  # > 0: train on random crop x crop windows of frames scaled to `size` on their short side, aspect
-    #   kept (objects and motion at the scale of `size`, at the cost of crop^2); 0: the whole squashed frame (CorrFlow)
-    min_scale: float = 1.0  # with --crop: each sample is zoomed out by a factor drawn uniformly from [min_scale, 1] (a
-    #   window of crop / s pixels shrunk to crop), so objects appear at s times the scale of `size`; 1: no zoom
+    crop: int = 0  # > 0: train on random crop x crop windows of frames scaled to --size on their short side, aspect
+    #   kept (objects and motion at the scale of --size, at the cost of crop^2); 0: the whole squashed frame (CorrFlow)
+    min_scale: float = 1.0  # with --crop: each sample is zoomed out by a factor s drawn uniformly from [--min-scale,
+    #   1] (a window of crop / s pixels shrunk to crop), so objects appear at s times the scale of --size; 1: no zoom
     sampling: str = "clips"  # clips: every clip start of every video equally likely (CorrFlow); videos: every video
     #   equally likely, then a start in it
-    centroids: str = ""  # a .pt file of (num_clusters, 2) centroids; empty: fit them on the training videos
+    centroids: str = ""  # a .pt file of (--num-clusters, 2) centroids; empty: fit them on the training videos
     init: str = ""  # start from these weights (a checkpoint train.py wrote) and their centroids, continuing its sample
     #   stream (and its optimiser state, from a training checkpoint)
     in_memory: bool = False  # decode every video once into memory at the training size (uint8): small sets, fast GPUs
@@ -224,11 +224,10 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, started: float) -> Path
     clips = ClipDataset(cfg.data, num_frames=3, frame_gap=cfg.frame_gap, size=cfg.size, jitter_p=cfg.jitter_p,
                         seed=cfg.seed, in_memory=cfg.in_memory, crop=cfg.crop, sampling=cfg.sampling,
                         min_scale=cfg.min_scale)
-    centroids = (state["centroids"] if state is not None else init[1] if init is not None else given)
+    centroids = state["centroids"] if state is not None else init[1] if init is not None else given
     if centroids is None:  # (16, 2) of Lab (a, b), fitted by the first process, sent to the others
-        centroids = fit_centroids(clips, cfg.num_clusters, seed=cfg.seed) if proc.master else torch.empty(
-            cfg.num_clusters, 2)
-        centroids = run.broadcast(centroids.float().to(proc.device), proc)
+        fitted = fit_centroids(clips, cfg.num_clusters, seed=cfg.seed) if proc.master else None
+        centroids = run.broadcast(fitted, (cfg.num_clusters, 2), proc)
     centroids = centroids.float().to(proc.device)
     stop = held.enter_context(StopSignals())  # a signal from here on: finish the step, save, export, exit
     if proc.master:  # only now: a run refused above leaves no trace
@@ -245,7 +244,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, started: float) -> Path
     sampler = RunBatches(cfg.batch_size, step, total_steps, proc.rank, proc.world, offset=cfg.sample_offset)
     loader = torch.utils.data.DataLoader(clips, batch_sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=proc.device.type == "cuda", worker_init_fn=ignore_in_worker)
-    val = copy.copy(clips)  # fixed validation triplets: clean samples of another seed, at `size`'s scale
+    val = copy.copy(clips)  # fixed validation triplets: clean samples of another seed, at --size's scale
     val.seed, val.jitter_p, val.min_scale = cfg.seed + 1, 0.0, 1.0
     val = [val[i]["clean"] for i in range(cfg.val_clips)] if proc.master and cfg.val_every else []
     val = [torch.stack(val[i:i + cfg.batch_size]).to(proc.device) for i in range(0, len(val), cfg.batch_size)]
