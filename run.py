@@ -134,14 +134,15 @@ def broadcast(tensor, shape: tuple, proc: Process) -> torch.Tensor:
 
 
 def train_in_bf16(precision: str, proc: Process) -> bool:
-    """model.encoder_in_bf16 for training (forward and backward); under torchrun the first process decides."""
+    """model.encoder_in_bf16 for training (forward and backward); under torchrun the first process decides. Said in
+    one line with --precision auto."""
     bf16 = encoder_in_bf16(precision, proc.device, backward=True, report=print if proc.master else None)
     if proc.ddp and precision == "auto":  # every process trains in the precision the first one measured
         choice = torch.tensor(int(bf16), device=proc.device)
         dist.broadcast(choice, 0)
         bf16 = bool(choice)
     if precision == "auto" and proc.master:
-        print(f"training in {'bf16' if bf16 else 'fp32'}")
+        print(f"training in {'bf16' if bf16 else 'fp32'} (--precision to choose)")
     return bf16
 
 
@@ -168,7 +169,7 @@ class Run:
         self.out = Path(cfg.out)
         self.ckpt = self.out / "ckpt.pt"
         self.log = self.out / "log.csv"
-        self.val_ce = None
+        self.val_ce, self.val_seconds = None, 0.0  # the latest validation score, and how long it took
         self.t_last, self.step_last, self.waited, self.t_ready = time.time(), step, 0.0, time.time()
         self.bar = tqdm(total=None if self.budget else total, initial=step, disable=not proc.master, desc="train",
                         unit="step")
@@ -186,14 +187,14 @@ class Run:
         self.waited += time.time() - self.t_ready  # time the step waited for the loader
         budget, proc = self.budget, self.proc
         if budget and self.cfg.minutes:
-            total = budget.fix_length(step, proc.ddp, proc.device)
+            total = budget.fix_length(step, proc.ddp, proc.device, reserve=self.val_seconds)  # the last score's too
             if total is not None:
                 self._set_length(total)
                 self.bar.total = total
                 self.bar.refresh()
                 if proc.master:
-                    self.bar.write(f"steps took {budget.speed:.2f} s each: with {budget.left() / 60:.1f} min of the "
-                                   f"{budget.minutes:g} left the run will take {total} steps")
+                    self.bar.write(f"steps took {budget.speed:.2f} s each: with {budget.left():.0f} s of the "
+                                   f"{budget.minutes:g} min left the run will take {total} steps")
         if step >= self.total:
             return False
         if budget and step > budget.first and budget.spent(proc.ddp, proc.device):
@@ -227,7 +228,9 @@ class Run:
         last = step == self.total or (self.budget is not None and self.budget.left() < 0)
         scored = master and cfg.val_every and (step % cfg.val_every == 0 or last or step == 1)
         if scored:
+            t = time.time()
             self.val_ce = self.validate()
+            self.val_seconds = time.time() - t
         if master and (step % cfg.log_every == 0 or last or scored):
             now = time.time()
             clips_per_s = (step - self.step_last) * batch_size * self.proc.world / max(now - self.t_last, 1e-9)

@@ -105,8 +105,9 @@ class Budget:
     def left(self) -> float:
         return self.deadline - time.time()
 
-    def fix_length(self, step: int, ddp: bool, device: torch.device):
-        """Called before each step: None until the run's length is known, then that length (once)."""
+    def fix_length(self, step: int, ddp: bool, device: torch.device, reserve: float = 0.0):
+        """Called before each step: None until the run's length is known, then that length (once); `reserve`
+        seconds are kept for the end (its validation)."""
         if self.first is None:
             self.first = step
         timed = step - self.first - self.SKIP
@@ -115,7 +116,8 @@ class Budget:
         if timed < 2 or (timed < self.TIMED and time.time() - self.t_timed < 6 * self.minutes):
             return None
         spent = time.time() - self.t_timed
-        total = torch.tensor(step + int(0.97 * max(self.left(), 0.0) * timed / max(spent, 1e-9)), device=device)
+        left = max(self.left() - reserve, 0.0)
+        total = torch.tensor(step + int(0.97 * left * timed / max(spent, 1e-9)), device=device)
         if ddp:
             dist.broadcast(total, 0)
         self.speed = spent / timed  # seconds per step

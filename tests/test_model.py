@@ -106,7 +106,7 @@ def test_the_probe_is_measured_once_per_machine_and_its_cache_may_be_broken(monk
     assert not encoder_in_bf16("auto", cpu, backward=False)
     assert encoder_in_bf16("auto", cpu, backward=True, report=lines.append)  # from the cache
     assert calls == [(PROBE_SIZE[True], True), (PROBE_SIZE[False], False)]
-    assert "(measured)" in lines[0] and "(cached)" in lines[1] and "the encoder in bf16" in lines[1]
+    assert "(measured)" in lines[0] and "(cached)" in lines[1] and "bf16 is faster" in lines[1]
     cache = tmp_path / "corrflow" / "bf16_probe.json"
     assert len(json.loads(cache.read_text())) == 2 and not list(cache.parent.glob(".*tmp*"))  # written whole
     cache.write_text("{not json")  # a broken cache is measured over, and rewritten
