@@ -157,8 +157,8 @@ def wrap_for_ddp(model: torch.nn.Module, proc: Process) -> torch.nn.Module:
 
 class Run:
     """The loop's bookkeeping, a context (it holds the progress bar): `keep_going` before each step, `check` on its
-    loss, `after_step` (log, validate, save) after it, `finish` at the end. Its `cfg` is what checkpoints save: a --minutes run saves the step count
-    it fixed, so that --resume continues the same schedule."""
+    loss, `after_step` (log, validate, save) after it, `finish` at the end. Its `cfg` is what checkpoints save: a
+    --minutes run saves the step count it fixed, so that --resume continues the same schedule."""
 
     def __init__(self, cfg, proc: Process, step: int, total: int, model, optimizer, centroids, validate, stop,
                  started: float):

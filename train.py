@@ -103,6 +103,13 @@ def p_ground_truth(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.p_gt_start + (cfg.p_gt_end - cfg.p_gt_start) * t
 
 
+def scheduled_sampling(step: int, total_steps: int, cfg: TrainConfig, gen: torch.Generator) -> tuple:
+    """Whether this step copies frame 2 from frame 1's true labels (else from the model's own prediction of frame 1),
+    drawn with probability p(gt) -> (use_gt, p_gt)."""
+    p_gt = p_ground_truth(step, total_steps, cfg)
+    return bool(torch.rand((), generator=gen) < p_gt), p_gt
+
+
 # The 16-cluster cross-entropy, whole: the targets are the frames' Lab (a, b) snapped to the nearest of 16 centroids
 # (data.quantise; the centroids are k-means of training pixels, data.fit_centroids); what is copied is each class's
 # one-hot averaged over 4x4 cells (stride 4, the features'); a copy's class probabilities are upsampled back to the
@@ -275,8 +282,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, started: float) -> Path
 
         # 2. scheduled sampling: frame 2 is copied from frame 1's true labels with probability p_gt, else from the
         #    model's own soft prediction (with gradient); the cycles 0 -> 1 -> 0 and 0 -> 1 -> 2 -> 1 -> 0 too
-        p_gt = p_ground_truth(step, total_steps, cfg)
-        use_gt = bool(torch.rand((), generator=gen) < p_gt)
+        use_gt, p_gt = scheduled_sampling(step, total_steps, cfg, gen)
         p1, p2, p0_short, p0_long = colourise(f0, f1, f2, labels, use_gt, cfg.model.radius, cfg.model.temperature)
 
         # 3. the 16-cluster cross-entropy of frames 1 and 2, and 4. the cycle term on frame 0

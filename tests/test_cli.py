@@ -24,6 +24,8 @@ import checkpoints
 import evaluate
 import model
 import propagate
+import run
+import stopping
 import train
 from data import read_frames
 
@@ -315,6 +317,16 @@ def test_train_base_command_line_is_valid(train_inputs, monkeypatch):
     monkeypatch.setattr(train, "CorrFlow", reached)  # built once the data and the centroids are ready
     with pytest.raises(RuntimeError, match="reached the work"):
         train.cli([str(a) for a in base])
+
+
+def test_train_help_gives_values_not_names(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert f"state gets {checkpoints.INIT_WARMUP} (" in text and "INIT_WARMUP" not in text
+    assert f"(up to {stopping.Budget.TIMED}, after {stopping.Budget.SKIP} of warm-up)" in text
+    assert f"none on 1 or 2 cores (an integer >= 0; default: {run.default_workers()})" in text
+    assert "10% faster" in text and "`" not in text  # field names in backquotes are not flags
 
 
 def train_file_cases(tmp_path: Path, rng: random.Random, base: list) -> list:

@@ -258,7 +258,8 @@ def test_init_continues_the_sample_stream_and_the_optimiser(clip_folder, tmp_pat
     again = small_config(folder, "", tmp_path / "again", steps=1, init=str(weights))
     train.main(again)
     ckpt = torch.load(Path(again.out) / "ckpt.pt", weights_only=False)
-    assert ckpt["train_config"]["sample_offset"] == 4 and ckpt["train_config"]["warmup_steps"] == checkpoints.INIT_WARMUP
+    assert ckpt["train_config"]["sample_offset"] == 4
+    assert ckpt["train_config"]["warmup_steps"] == checkpoints.INIT_WARMUP
     assert float(read_log(again.out)[0]["lr"]) == pytest.approx(2e-4 / checkpoints.INIT_WARMUP)
 
 
