@@ -123,6 +123,13 @@ def start_process(device: str) -> Process:
     return proc
 
 
+def end_process(proc: Process):
+    """Under torchrun, the others wait for the first one's files (torchrun ends them all once one exits non-zero)."""
+    if proc.ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def broadcast(tensor, shape: tuple, proc: Process) -> torch.Tensor:
     """The first process's fp32 `tensor` (e.g. the centroids it fitted), on every process's device; the others
     give None and get it (under torchrun)."""
@@ -242,8 +249,9 @@ class Run:
             self.t_last, self.step_last, self.waited = now, step, 0.0
             append_log(self.log, row)
             val = "-" if self.val_ce is None else f"{self.val_ce:.3f}"
+            left = f", {max(self.budget.left(), 0):.0f} s left" if self.budget else ""  # before the total is known
             self.bar.set_postfix_str(f"loss {row['loss']:.3f}, val_ce {val}, lr {lr:.2g}, p_gt {p_gt:.2f}, "
-                                     f"{clips_per_s:.1f} clips/s, data wait {row['data_wait']:.0%}")
+                                     f"{clips_per_s:.1f} clips/s, data wait {row['data_wait']:.0%}{left}")
         if master and (step % cfg.ckpt_every == 0 or step == self.total):
             self.save()
         self.t_ready = time.time()
@@ -266,9 +274,7 @@ class Run:
                       f"same command and --resume")
             else:
                 print(f"done: {step} steps; checkpoint {self.ckpt}, weights for propagate.py {weights}")
-        if self.proc.ddp:
-            dist.barrier()  # the others wait for the first one's files: torchrun ends them all once one exits non-zero
-            dist.destroy_process_group()
+        end_process(self.proc)
         if stop.signum:
             raise SystemExit(stop.exit_code)
         return weights

@@ -223,8 +223,9 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, started: float) -> Path
     if proc.master:
         FolderLock(cfg.out).check()  # a folder in use by another run: refused before any work
     state, cfg = checkpoints.resume(cfg, proc.master)
-    if state is not None and checkpoints.finished(state, cfg, proc.master):
-        return Path(cfg.out) / "corrflow.pt"  # nothing left to do: no data read, no probe
+    if state is not None and checkpoints.finished(state, cfg, proc.master):  # nothing left: no data read, no probe
+        run.end_process(proc)
+        return Path(cfg.out) / "corrflow.pt"
     init, cfg = checkpoints.read_init(cfg) if state is None else (None, cfg)  # every file read before any work
     given = checkpoints.load_centroids(cfg.centroids) if state is None and init is None and cfg.centroids else None
     torch.manual_seed(cfg.seed)

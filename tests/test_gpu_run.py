@@ -69,6 +69,26 @@ def test_gpu_run_rehearsal(shared_data, tmp_path):
         assert table.strip().splitlines()[-1] in result.stdout
 
 
+def test_a_spent_budget_skips_the_steps_left_and_still_writes_the_summary(tmp_path):
+    """The run's own stop path, with a budget too short for any step: every step is reported as skipped, the summary
+    comes last, only result files land in OUT, and the exit status says that not everything ran."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(ROOT / ".ci" / "gpu_run.py"), str(out), "--rehearse",
+                             "--minutes", "0.01", "--data", str(tmp_path / "no_clips"), "--davis",
+                             str(tmp_path / "no_davis")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr[-2000:]
+    summary = (out / "summary.md").read_text()
+    rows = summary.splitlines()[4:]
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows] == ["gpu tests", "bench kernel", "bench train", "train",
+                                                               "propagate 480p"]
+    assert all(" | skipped (no time left) | " in r for r in rows), summary
+    assert result.stdout.rstrip().endswith(rows[-1])
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert set(files) <= set(gpu_run.OUT_FILES) and "summary.md" in files
+    assert all((out / f).is_file() and (out / f).stat().st_size <= gpu_run.MAX_FILE_BYTES for f in files)
+
+
+@pytest.mark.slow
 def test_a_step_past_its_limit_gets_sigint_then_is_killed(tmp_path):
     catches = "import signal, time; signal.signal(signal.SIGINT, lambda *a: (print('saved', flush=True), exit(130)))"
     row = gpu_run.run_step("polite", [sys.executable, "-c", catches + "; time.sleep(60)"], tmp_path / "a.log",
