@@ -113,9 +113,14 @@ class Budget:
         timed = step - self.first - self.SKIP
         if timed == 0:
             self.t_timed = time.time()
-        if timed < 2 or (timed < self.TIMED and time.time() - self.t_timed < 6 * self.minutes):
+        if timed < 2:
             return None
         spent = time.time() - self.t_timed
+        done = torch.tensor(float(timed >= self.TIMED or spent >= 6 * self.minutes), device=device)  # or a tenth
+        if ddp:  # the first process's clock decides: every process calls the broadcast below, or none
+            dist.broadcast(done, 0)
+        if not done.item():
+            return None
         left = max(self.left() - reserve, 0.0)
         total = torch.tensor(step + int(0.97 * left * timed / max(spent, 1e-9)), device=device)
         if ddp:

@@ -208,6 +208,24 @@ def test_budget_counts_from_the_process_start():
     assert 59 < stopping.Budget(1.0, start=time.time()).left() <= 60
 
 
+def test_budget_times_steps_until_a_tenth_of_it_is_spent(monkeypatch):
+    """A fake clock: start-up took 20 s of a 1-minute budget, then every step takes 1 s. Steps 0-4 are left out,
+    steps 5-10 timed (6 s: a tenth of the budget), so the length is fixed before step 11 with 29 s left: 11 + 28."""
+    now = [1000.0]
+    monkeypatch.setattr(stopping.time, "time", lambda: now[0])
+    budget = stopping.Budget(1.0, start=now[0] - 20)
+    cpu = torch.device("cpu")
+    for step in range(30):
+        total = budget.fix_length(step, False, cpu)  # called before each step until it gives the length
+        if total is not None:
+            break
+        now[0] += 1.0
+    assert (step, total, budget.speed) == (11, 11 + int(0.97 * 29), 1.0)
+    assert not budget.spent(False, cpu) and budget.left() == 29
+    now[0] += 30
+    assert budget.spent(False, cpu)
+
+
 def test_resuming_a_finished_run_reads_no_video(clip_folder, tmp_path, monkeypatch, capsys):
     folder, centroids = clip_folder
     cfg = small_config(folder, centroids, tmp_path / "run", steps=1)
