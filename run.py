@@ -257,8 +257,9 @@ class Run:
         self.t_ready = time.time()
 
     def save(self):
+        total = None if self.cfg.minutes else self.total  # a --minutes run's length is not known until it is fixed
         save_atomic(checkpoint(self.model, self.optimizer, self.step, self.cfg, self.centroids, self.proc.world,
-                               self.total), self.ckpt)
+                               total), self.ckpt)
 
     def finish(self) -> Path:
         """Save and export (<out>/corrflow.pt), say how the run ended; SystemExit(128 + signal) after a signal."""

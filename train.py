@@ -113,7 +113,8 @@ def scheduled_sampling(step: int, total_steps: int, cfg: TrainConfig, gen: torch
 # The 16-cluster cross-entropy, whole: the targets are the frames' Lab (a, b) snapped to the nearest of 16 centroids
 # (data.quantise; the centroids are k-means of training pixels, data.fit_centroids); what is copied is each class's
 # one-hot averaged over 4x4 cells (stride 4, the features'); a copy's class probabilities are upsampled back to the
-# frame and scored against the class map by cross-entropy (`nll`).
+# frame and scored against the class map by cross-entropy (`nll`): frames 1 and 2, and frame 0 after the cycles
+# (`colour_loss`).
 @torch.no_grad()
 def colour_targets(clean: torch.Tensor, centroids: torch.Tensor) -> tuple:
     """Un-jittered frames (B, T, 3, H, W) -> the class map (B, T, H, W) that the loss scores, and the labels that
@@ -129,6 +130,14 @@ def nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of stride-4 class probabilities (B, K, h, w), upsampled to the class map (B, H, W)."""
     probs = F.interpolate(probs.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
     return F.nll_loss(torch.log(probs + 1e-8), target)
+
+
+def colour_loss(p1, p2, p0_short, p0_long, target, cycle_weight: float) -> tuple:
+    """The 16-cluster cross-entropy of frames 1 and 2, plus the cycle term: frame 0 reconstructed both ways, weighted
+    by cycle_weight -> (loss, short, cycle)."""
+    short = nll(p1, target[:, 1]) + nll(p2, target[:, 2])
+    cycle = nll(p0_short, target[:, 0]) + nll(p0_long, target[:, 0])
+    return short + cycle_weight * cycle, short, cycle
 
 
 def colour_dropout(frames: torch.Tensor, none_p: float, gen: torch.Generator) -> tuple:
@@ -171,14 +180,6 @@ def colourise(f0, f1, f2, labels, use_gt: bool, radius: int, temperature: float)
     p2_own = copy(f2, f1, p1) if use_gt else p2
     p0_long = copy(f0, f1, copy(f1, f2, p2_own))
     return p1, p2, p0_short, p0_long
-
-
-def colour_loss(p1, p2, p0_short, p0_long, target, cycle_weight: float) -> tuple:
-    """The 16-cluster cross-entropy of frames 1 and 2, plus the cycle term: frame 0 reconstructed both ways, weighted
-    by cycle_weight -> (loss, short, cycle)."""
-    short = nll(p1, target[:, 1]) + nll(p2, target[:, 2])
-    cycle = nll(p0_short, target[:, 0]) + nll(p0_long, target[:, 0])
-    return short + cycle_weight * cycle, short, cycle
 
 
 @torch.no_grad()
