@@ -3,6 +3,7 @@
 (the step count, --minutes, a signal), the log CSV and the progress line, validation and checkpoints, the end.
 """
 import argparse
+import copy
 import dataclasses
 import functools
 import inspect
@@ -151,6 +152,15 @@ def train_in_bf16(precision: str, proc: Process) -> bool:
     if precision == "auto" and proc.master:
         print(f"training in {'bf16' if bf16 else 'fp32'} (--precision to choose)")
     return bf16
+
+
+def validation_batches(clips, cfg, proc: Process) -> list:
+    """The fixed validation triplets: clean samples of another seed (no jitter, at --size's scale whatever the
+    zoom), `val_clips` of them in batches of batch_size, on the device."""
+    val = copy.copy(clips)
+    val.seed, val.jitter_p, val.min_scale = cfg.seed + 1, 0.0, 1.0
+    items = [val[i]["clean"] for i in range(cfg.val_clips)]
+    return [torch.stack(items[i:i + cfg.batch_size]).to(proc.device) for i in range(0, len(items), cfg.batch_size)]
 
 
 def wrap_for_ddp(model: torch.nn.Module, proc: Process) -> torch.nn.Module:

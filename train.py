@@ -7,14 +7,13 @@ Each iteration takes triplets of frames (0, 4, 8 of a clip), encodes every frame
 colours (16 k-means clusters of Lab a/b) of frames 1 and 2 by copying labels from the previous frame through the
 softmax over local feature similarities. The paper's four mechanisms are the functions below, in the loop's order:
 colour jitter and colour dropout (an information bottleneck), scheduled sampling, the 16-cluster cross-entropy and
-cycle consistency. The run's plumbing (command line, resume, checkpoints, log, time budget, DDP) is in run.py and
-checkpoints.py.
+cycle consistency. The run's plumbing is beside it: run.py (command line, DDP, precision, log and progress),
+checkpoints.py (checkpoints, --resume, --init) and stopping.py (signals, the --minutes budget).
 
 SIGTERM, SIGINT (Ctrl-C) or SIGHUP stops a run after the step under way: it saves every step done, exports the
 weights and exits with 143, 130 or 129; --resume continues it. One run at a time writes into an --out folder.
 """
 import contextlib
-import copy
 import dataclasses
 import functools
 import time
@@ -54,41 +53,33 @@ class TrainConfig:
     data: str = "kinetics/"  # folder of videos, searched recursively (video files or folders of frames)
     out: str = "runs/corrflow"  # checkpoints, the log CSV and the exported weights; one run at a time (<out>/.lock)
     steps: int = 0  # optimiser steps; 0: derived from --epochs or --minutes
-    minutes: float = 0.0  # wall-clock budget instead of steps, counted from the start of the process (reading the
-    #   videos and the bf16 probe included): the first steps are timed (up to 20, after 5 of warm-up), then the step
-    #   count is fixed to what fits (p(gt) and fractional lr points spread over it); saves and exports when time is up
-    warmup_steps: int = 0  # lr rises linearly over these first steps; a run started with --init from weights without
-    #   optimiser state gets 50
+    minutes: float = 0.0  # wall time instead of steps, from the process's start (start-up included): the first steps
+    #   are timed (up to 20, after 5 of warm-up), then the length is fixed to what fits; saves and exports at the end
+    warmup_steps: int = 0  # lr rises linearly over these first steps (--init from weights without Adam state: 50)
     crop: int = 0  # > 0: train on random crop x crop windows of frames scaled to --size on their short side, aspect
     #   kept (objects and motion at the scale of --size, at the cost of crop^2); 0: the whole squashed frame (CorrFlow)
     min_scale: float = 1.0  # with --crop: each sample is zoomed out by a factor s drawn uniformly from [--min-scale,
     #   1] (a window of crop / s pixels shrunk to crop), so objects appear at s times the scale of --size; 1: no zoom
-    sampling: str = "clips"  # clips: every clip start of every video equally likely (CorrFlow); videos: every video
-    #   equally likely, then a start in it
+    sampling: str = "clips"  # clips: every clip start equally likely (CorrFlow); videos: every video, then a start
     centroids: str = ""  # a .pt file of (--num-clusters, 2) centroids; empty: fit them on the training videos
     init: str = ""  # start from these weights (a checkpoint train.py wrote) and their centroids, continuing its sample
     #   stream (and its optimiser state, from a training checkpoint)
     in_memory: bool = False  # decode every video once into memory at the training size (uint8): small sets, fast GPUs
     device: str = "auto"  # auto: cuda where there is a GPU, else cpu
     precision: str = "auto"  # the encoder's: bf16 (autocast, channels-last) | fp32 | auto: bf16 on CUDA, and on a CPU
-    #   where a probe (about a second, then kept in ~/.cache/corrflow) finds it 10% faster; copies, loss stay fp32 there
-    workers: int = run.default_workers()  # data loader processes: one per core beside the training's, at most 4;
-    #   none on 1 or 2 cores
+    #   where a probe (a second, once: ~/.cache/corrflow) finds it 10% faster; the copies and loss stay fp32 there
+    workers: int = run.default_workers()  # loader processes: a core each beside training's, at most 4; 0 on 1-2 cores
     seed: int = 0  # of the sample stream, the draws of each step, k-means and the weights
     log_every: int = 10  # steps between rows of <out>/log.csv
     ckpt_every: int = 500  # steps between checkpoints (<out>/ckpt.pt)
     val_every: int = 250  # steps between scores of the fixed validation triplets (log.csv's val_ce); 0: never
     val_clips: int = 32  # validation triplets: true labels, no jitter or dropout, the same at every score
-    sample_offset: int = 0  # samples seen by the runs this one continues (--init): its stream starts after them (set
-    #   from --init, not a flag)
-    resume: bool = False  # continue from <out>/ckpt.pt with the saved run's settings and schedule (other flags are
-    #   ignored, and listed); to train longer, start a new run from its weights: --init <out>/ckpt.pt --out NEW
-    #   --steps M
+    sample_offset: int = 0  # samples seen by the runs this one continues: its stream starts after them (from --init)
+    resume: bool = False  # continue <out>/ckpt.pt with its run's settings and length (other flags ignored, and
+    #   listed); to train longer, start a new run from its weights: --init <out>/ckpt.pt --out NEW --steps M
 
 
 # ------------------------------------------------------------------------------------------- the method's parts
-
-
 def get_lr(step: int, total_steps: int, cfg: TrainConfig, world: int = 1) -> float:
     """CorrFlow's schedule: lr halves each time the number of samples seen passes a milestone. A milestone <= 1 is
     a fraction of the run's samples, so that a short run decays too. An optional linear warm-up comes first."""
@@ -154,9 +145,8 @@ def colour_dropout(frames: torch.Tensor, none_p: float, gen: torch.Generator) ->
 
 def jitter_and_dropout(batch: dict, none_p: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     """The encoder's input, (B, 3, 3, H, W): colour jitter, then colour dropout. The jitter (brightness, contrast,
-    saturation, hue by up to +-0.1, on a clip with probability jitter_p) is drawn by the loader, per sample
-    (ClipDataset -> data.colour_jitter), so that it runs in the loader's processes and a sample's draws depend on
-    its number alone: batch["frames"] holds the jittered frames, batch["clean"] the same frames without it."""
+    saturation, hue by up to +-0.1, on a clip with probability jitter_p) is drawn per sample by the loader's processes
+    (ClipDataset, data.colour_jitter): batch["frames"] holds the jittered frames, batch["clean"] the frames without."""
     jittered = batch["frames"].to(device, non_blocking=True)
     return colour_dropout(jittered, none_p, gen)[0]
 
@@ -204,12 +194,9 @@ def validation_ce(model, batches, centroids, cfg: TrainConfig, bf16: bool) -> fl
 
 
 # ------------------------------------------------------------------------------------------- training
-
-
 def main(cfg: TrainConfig, started: float = None) -> Path:
-    """Train; returns the path of the exported inference weights (<out>/corrflow.pt). SIGTERM, SIGINT or SIGHUP
-    end the run after the step under way: it saves and exports as at the end, then raises SystemExit(128 + signal).
-    --minutes counts from `started` (time.time()): the command line's is its process's start; by default, now."""
+    """Train -> the exported weights (<out>/corrflow.pt); a signal ends it after the step under way, saved and exported,
+    with SystemExit(128 + signal). --minutes counts from `started` (the command line's process's start; default now)."""
     started = time.time() if started is None else started
     with contextlib.ExitStack() as held:  # the output folder's lock and the signal handlers, however the run ends
         return _train(cfg, held, started)
@@ -253,10 +240,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, started: float) -> Path
     sampler = RunBatches(cfg.batch_size, step, total_steps, proc.rank, proc.world, offset=cfg.sample_offset)
     loader = torch.utils.data.DataLoader(clips, batch_sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=proc.device.type == "cuda", worker_init_fn=ignore_in_worker)
-    val = copy.copy(clips)  # fixed validation triplets: clean samples of another seed, at --size's scale
-    val.seed, val.jitter_p, val.min_scale = cfg.seed + 1, 0.0, 1.0
-    val = [val[i]["clean"] for i in range(cfg.val_clips)] if proc.master and cfg.val_every else []
-    val = [torch.stack(val[i:i + cfg.batch_size]).to(proc.device) for i in range(0, len(val), cfg.batch_size)]
+    val = run.validation_batches(clips, cfg, proc) if proc.master and cfg.val_every else []
     validate = functools.partial(validation_ce, raw_model, val, centroids, cfg, bf16)
     runner = held.enter_context(run.Run(cfg, proc, step, total_steps, raw_model, optimizer, centroids, validate, stop,
                                         started))

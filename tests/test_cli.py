@@ -323,9 +323,9 @@ def test_train_help_gives_values_not_names(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert f"state gets {checkpoints.INIT_WARMUP} (" in text and "INIT_WARMUP" not in text
+    assert f"without Adam state: {checkpoints.INIT_WARMUP})" in text and "INIT_WARMUP" not in text
     assert f"(up to {stopping.Budget.TIMED}, after {stopping.Budget.SKIP} of warm-up)" in text
-    assert f"none on 1 or 2 cores (an integer >= 0; default: {run.default_workers()})" in text
+    assert f"0 on 1-2 cores (an integer >= 0; default: {run.default_workers()})" in text
     assert "10% faster" in text and "`" not in text  # field names in backquotes are not flags
 
 
