@@ -102,13 +102,19 @@ class FolderLock:
             return self
         raise ValueError(f"{self.path.parent} is in use: another run took its lock {self.path} just now")
 
+    def check(self):
+        """Refuse at once, writing nothing, when a run that is still going holds the folder: a cheap refusal before a
+        run's costly start-up (a stale lock is left to `with`, which takes it over)."""
+        if self.path.exists():
+            self._refuse_or_remove_stale(remove=False)
+
     def __exit__(self, *exc):
         if self.held:
             with contextlib.suppress(OSError):
                 self.path.unlink()
             self.held = False
 
-    def _refuse_or_remove_stale(self):
+    def _refuse_or_remove_stale(self, remove: bool = True):
         folder = self.path.parent
         try:
             pid, host = self.path.read_text().split()
@@ -123,6 +129,8 @@ class FolderLock:
         if host != socket.gethostname() or _alive(pid):
             raise ValueError(f"{folder} is in use by another run (pid {pid} on {host}); wait for it to end or "
                              f"give another --out (if that run is gone, remove {self.path})")
+        if not remove:
+            return
         # Two runs that find the same stale lock at the same instant could both take it over; the lock guards
         # against starting a second run into a folder by mistake, for which this is enough.
         print(f"taking over the lock of {folder} from pid {pid}, which is no longer running")

@@ -5,7 +5,11 @@ layers 3 and 4 at stride 1, then a 3x3 conv down to 64 feature channels. Feature
 The copy step is restricted attention: every target position attends to a (2M+1)^2 window of each reference's
 features and takes the softmax-weighted sum of the references' labels (see `kernels/local_attention.py`).
 """
+import contextlib
 import copy
+import json
+import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,14 +83,19 @@ def encode(model: CorrFlow, x: torch.Tensor, bf16: bool) -> torch.Tensor:
     return feats.float() if x.device.type == "cpu" else feats
 
 
+# the bf16 probe's frame size, for training's forward+backward and for propagation's forward: about a second each,
+# with the answer the probe gives at 256 on the CPUs measured (at 32 a forward alone is too short to time)
+PROBE_SIZE = {True: 32, False: 64}
+
+
 def bf16_faster(model: CorrFlow, size: int, backward: bool) -> tuple[bool, float, float]:
     """Whether this CPU runs the encoder at least 10% faster in bf16 autocast (channels-last) than in fp32: both
     timed on 2 frames of size x size (forward, and backward when `backward`), the better of 2 runs after a warm-up
-    -> (faster, fp32 seconds, bf16 seconds). CPUs with bf16 units (AVX512-BF16, AMX) run it about twice as fast,
-    on others it is emulated and slower. A few seconds."""
+    -> (faster, fp32 seconds, bf16 seconds). CPUs with bf16 units (AVX512-BF16, AMX) run it about twice as fast;
+    on others bf16 is emulated and slower, which its first timed run shows: the probe stops there."""
     model = copy.deepcopy(model).cpu()  # the probe must not move the real model's BatchNorm statistics or layout
     x = torch.rand(2, 3, size, size)
-    times = []
+    best = {}
     for bf16 in (False, True):
         net = model.to(memory_format=torch.channels_last if bf16 else torch.contiguous_format)
         laps = []
@@ -97,8 +106,66 @@ def bf16_faster(model: CorrFlow, size: int, backward: bool) -> tuple[bool, float
                 if backward:
                     feats.sum().backward()
             laps.append(time.perf_counter() - t)
-        times.append(min(laps[1:]))
-    return times[1] < 0.9 * times[0], times[0], times[1]
+            if bf16 and len(laps) == 2 and laps[1] >= 0.9 * best[False]:  # already not faster: no third run
+                break
+        best[bf16] = min(laps[1:])
+    return best[True] < 0.9 * best[False], best[False], best[True]
+
+
+def _probe_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "corrflow" / "bf16_probe.json"
+
+
+def _cpu_key(backward: bool) -> str:
+    """What the probe's answer depends on: the CPU model, the instructions torch uses on it, torch's version."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), name)
+    return f"{name} | {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__} | " + (
+        "forward+backward" if backward else "forward")
+
+
+def probe_bf16(backward: bool) -> tuple[bool, float, float, bool]:
+    """`bf16_faster` of the encoder at PROBE_SIZE[backward], measured once per CPU model and torch version and kept in
+    ~/.cache/corrflow/bf16_probe.json ($XDG_CACHE_HOME): (faster, fp32 s, bf16 s, from the cache). An unreadable
+    cache is measured over; one that cannot be written is only not kept."""
+    path, key = _probe_cache(), _cpu_key(backward)
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    cached = cached if isinstance(cached, dict) else {}
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        hit = cached[key]
+        return bool(hit["bf16_faster"]), float(hit["fp32_s"]), float(hit["bf16_s"]), True
+    with torch.random.fork_rng(devices=[]):  # the probe's weights and frames leave the run's random stream as it was
+        faster, t32, t16 = bf16_faster(CorrFlow(), PROBE_SIZE[backward], backward)
+    cached[key] = {"bf16_faster": faster, "fp32_s": t32, "bf16_s": t16}
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "w") as f:
+            json.dump(cached, f, indent=1)
+    return faster, t32, t16, False
+
+
+def encoder_in_bf16(precision: str, device: torch.device, backward: bool = False, report=None) -> bool:
+    """The one precision rule of training and propagation: whether the encoder runs in bf16 autocast.
+    "fp32": no; "bf16" or "fp16" (propagate.py's name for it): yes; "auto": yes on a GPU, and on a CPU where the
+    (cached) probe finds bf16 at least 10% faster for this work (`backward`: training's forward and backward).
+    `report`, when given, gets one line on the probe's numbers."""
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"unknown precision '{precision}' (choose auto, bf16, fp16 or fp32)")
+    if precision != "auto" or torch.device(device).type != "cpu":
+        return precision != "fp32"
+    faster, t32, t16, cached = probe_bf16(backward)
+    if report is not None:
+        work = "forward+backward" if backward else "forward"
+        size = PROBE_SIZE[backward]
+        report(f"bf16 probe ({'cached' if cached else 'measured'}): encoder {work} of 2 frames at "
+               f"{size}x{size}: fp32 {t32 * 1e3:.0f} ms, bf16 {t16 * 1e3:.0f} ms: bf16 is "
+               f"{'' if faster else 'not '}faster")
+    return faster
 
 
 def downsample_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Shared test setup: Triton's CPU interpreter, the `gpu` marker, the path of the real data, a full disk."""
+"""Shared test setup: Triton's CPU interpreter, the `gpu` marker, the path of the real data, a full disk, a cache
+folder of the session's own."""
 import errno
 import os
 import sys
@@ -14,6 +15,13 @@ if not torch.cuda.is_available():
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _probe_cache(tmp_path_factory):
+    """The bf16 probe's answers (model.probe_bf16) are kept in a folder of this session, not the user's cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

@@ -20,9 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import evaluate
 import model
 import propagate
+import run
+import stopping
 import train
 from data import read_frames
 
@@ -316,6 +319,16 @@ def test_train_base_command_line_is_valid(train_inputs, monkeypatch):
         train.cli([str(a) for a in base])
 
 
+def test_train_help_gives_values_not_names(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert f"without Adam state: {checkpoints.INIT_WARMUP})" in text and "INIT_WARMUP" not in text
+    assert f"(up to {stopping.Budget.TIMED}, after {stopping.Budget.SKIP} of warm-up)" in text
+    assert f"0 on 1-2 cores (an integer >= 0; default: {run.default_workers()})" in text
+    assert "10% faster" in text and "`" not in text  # field names in backquotes are not flags
+
+
 def train_file_cases(tmp_path: Path, rng: random.Random, base: list) -> list:
     bad = tmp_path / "malformed"
     bad.mkdir()
@@ -366,7 +379,8 @@ def test_resume_keeps_the_schedule_and_says_what_it_ignores(train_inputs, capsys
     net = model.CorrFlow(cfg.model)
     out.mkdir()
     ckpt = out / "ckpt.pt"
-    train.save_atomic(train.checkpoint(net, torch.optim.Adam(net.parameters()), 1, cfg, torch.randn(16, 2) * 30), ckpt)
+    model.save_atomic(checkpoints.checkpoint(net, torch.optim.Adam(net.parameters()), 1, cfg, torch.randn(16, 2) * 30),
+                      ckpt)
 
     problem, line = refusal(train.cli, argv + ["--resume", "--steps=3"], tmp_path, capsys)
     assert not problem and "--steps 3" in line and f"--init {ckpt} --out" in line, (problem, line)

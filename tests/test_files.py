@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import evaluate
 import files
 import model
@@ -23,11 +24,11 @@ SMALL = model.ModelConfig(feat_dim=8, widths=(8, 8, 8, 8))  # a small encoder: i
 def training_checkpoint(step: int) -> dict:
     net = model.CorrFlow(SMALL)
     cfg = train.TrainConfig(model=SMALL)
-    return train.checkpoint(net, torch.optim.Adam(net.parameters()), step, cfg, torch.zeros(16, 2))
+    return checkpoints.checkpoint(net, torch.optim.Adam(net.parameters()), step, cfg, torch.zeros(16, 2))
 
 
 def write_checkpoint(path, version):
-    train.save_atomic(training_checkpoint(version), path)
+    model.save_atomic(training_checkpoint(version), path)
 
 
 def export(path, version):
@@ -45,14 +46,14 @@ def csv_file(path, version):
 
 
 def log_append(path, version):
-    train._append_log(path, {"step": version, "loss": 1.0})
+    checkpoints.append_log(path, {"step": version, "loss": 1.0})
 
 
 def log_trim(path, version):  # a resume from step 1 rewrites the log without the rows after it
     if version == 1:
         for step in (1, 2, 3):
-            train._append_log(path, {"step": step, "loss": 1.0})
-    train._trim_log(path, 3 if version == 1 else 1)
+            checkpoints.append_log(path, {"step": step, "loss": 1.0})
+    checkpoints.trim_log(path, 3 if version == 1 else 1)
 
 
 WRITERS = {"ckpt.pt": write_checkpoint, "corrflow.pt": export, "00000.png": png, "scores.csv": csv_file,
@@ -134,6 +135,6 @@ def test_lock_of_a_gone_run_is_taken_over_and_others_are_not(tmp_path, capsys):
 def test_save_through_an_open_file_matches_torch_save(tmp_path):
     """save_atomic writes through a file object (for Python's OSError on a full disk): a file torch.load reads."""
     state = training_checkpoint(3)
-    train.save_atomic(state, tmp_path / "ckpt.pt")
-    loaded = train.load_training_state(tmp_path / "ckpt.pt")
+    model.save_atomic(state, tmp_path / "ckpt.pt")
+    loaded = checkpoints.load_training_state(tmp_path / "ckpt.pt")
     assert loaded["step"] == 3 and dataclasses.asdict(SMALL) == loaded["model_config"]

@@ -1,11 +1,13 @@
-"""The CorrFlow encoder's shape, and checkpoint loading errors."""
+"""The CorrFlow encoder's shape, checkpoint loading errors, and the precision rule with its cached bf16 probe."""
 import dataclasses
+import json
 
 import pytest
 import torch
 
-from model import (CHECKPOINT_FORMAT, CorrFlow, ModelConfig, bf16_faster, downsample_labels, encode, export_weights,
-                   load_checkpoint)
+import model as model_module
+from model import (CHECKPOINT_FORMAT, PROBE_SIZE, CorrFlow, ModelConfig, bf16_faster, downsample_labels, encode,
+                   encoder_in_bf16, export_weights, load_checkpoint)
 
 
 def test_parameter_count_and_output_stride():
@@ -75,3 +77,50 @@ def test_bf16_probe_times_both_and_leaves_the_model_as_it_was():
     assert fp32.dtype == bf16.dtype == torch.float32 and fp32.shape == bf16.shape == (2, 64, 8, 8)
     assert torch.equal(fp32, plain) and not torch.equal(fp32, bf16)
     assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=1).min() > 0.99
+
+
+def test_one_precision_rule_for_training_and_propagation(monkeypatch):
+    def no_probe(*args):
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(model_module, "bf16_faster", no_probe)
+    cpu = torch.device("cpu")
+    assert not encoder_in_bf16("fp32", cpu) and encoder_in_bf16("bf16", cpu) and encoder_in_bf16("fp16", cpu)
+    assert encoder_in_bf16("auto", torch.device("cuda"))  # a GPU runs the encoder in bf16 without asking
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        encoder_in_bf16("fp8", cpu)
+
+
+def test_the_probe_is_measured_once_per_machine_and_its_cache_may_be_broken(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def probe(net, size, backward):
+        calls.append((size, backward))
+        return backward, 0.2, 0.1 if backward else 0.3  # faster for training, not for propagation
+
+    monkeypatch.setattr(model_module, "bf16_faster", probe)
+    lines = []
+    cpu = torch.device("cpu")
+    assert encoder_in_bf16("auto", cpu, backward=True, report=lines.append)
+    assert not encoder_in_bf16("auto", cpu, backward=False)
+    assert encoder_in_bf16("auto", cpu, backward=True, report=lines.append)  # from the cache
+    assert calls == [(PROBE_SIZE[True], True), (PROBE_SIZE[False], False)]
+    assert "(measured)" in lines[0] and "(cached)" in lines[1] and "bf16 is faster" in lines[1]
+    cache = tmp_path / "corrflow" / "bf16_probe.json"
+    assert len(json.loads(cache.read_text())) == 2 and not list(cache.parent.glob(".*tmp*"))  # written whole
+    cache.write_text("{not json")  # a broken cache is measured over, and rewritten
+    assert encoder_in_bf16("auto", cpu, backward=True) and len(calls) == 3
+    assert json.loads(cache.read_text())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache / "below_a_file"))  # a cache that cannot be written:
+    assert encoder_in_bf16("auto", cpu, backward=True) and len(calls) == 4  # the answer still comes
+
+
+def test_the_probe_leaves_the_random_stream_as_it_was(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(model_module, "PROBE_SIZE", {True: 16, False: 16})
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    model_module.probe_bf16(backward=False)
+    assert torch.equal(torch.rand(3), expected)
