@@ -32,6 +32,8 @@ STRIDE = 4  # feature map stride of the encoder; labels are averaged down to thi
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "corrflow.pt"  # the shipped weights
 FEATURES = ("model", "lab", "model+lab")  # what propagation compares frames by (`load_encoder`)
 LAB_LIGHTNESS_WEIGHT = 1.0  # lightness against colour in `lab_features`: the best of a grid on DAVIS (README)
+POINT_SIGMA = 1.0  # std of a keypoint's Gaussian heat map, in stride-4 cells (= 4 pixels of the frame)
+POINT_TOPK = 5  # a point's location: probability-weighted mean of its 5 most probable stride-4 cells
 
 
 @dataclass
@@ -251,8 +253,8 @@ def save_atomic(obj, path: Path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Propagation's frames and features: frames onto the encoder's stride-4 grid, its outputs back to the frame's size,
-# and what frames are compared by
+# Propagation's frames, labels and features: frames and labels onto the encoder's stride-4 grid and back to the
+# frame's size, and what frames are compared by
 
 
 def scaled_size(H: int, W: int, scale: float) -> tuple[int, int]:
@@ -282,6 +284,35 @@ def to_frame(probs: torch.Tensor, H: int, W: int, scale: float) -> torch.Tensor:
     h, w = scaled_size(H, W, scale)
     full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)[..., :h, :w]
     return full if (h, w) == (H, W) else F.interpolate(full, size=(H, W), mode="bilinear", align_corners=False)
+
+
+def hard_labels(probs: torch.Tensor) -> torch.Tensor:
+    """What the paper's protocol feeds back: the soft output (1, K, h, w) upsampled to the encoded frame's full
+    resolution (the frame's own at --scale 1), its argmax there, and that hard map's one-hot averaged back down to
+    stride 4 (soft only at the object borders, like the first frame's labels) -> (1, K, h, w)."""
+    full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)  # (1, K, H', W')
+    one_hot = F.one_hot(full.argmax(1), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    return downsample_labels(one_hot)
+
+
+def gaussian_heatmaps(points: np.ndarray, h: int, w: int, device: torch.device) -> torch.Tensor:
+    """Points (J, 2) as pixel (x, y) -> (1, J, h, w) Gaussians of std POINT_SIGMA cells at stride 4, peak 1."""
+    centres = (torch.as_tensor(points, dtype=torch.float32, device=device) - (STRIDE - 1) / 2) / STRIDE  # cells
+    ys = torch.arange(h, device=device, dtype=torch.float32).view(1, h, 1)
+    xs = torch.arange(w, device=device, dtype=torch.float32).view(1, 1, w)
+    d2 = (xs - centres[:, 0, None, None]) ** 2 + (ys - centres[:, 1, None, None]) ** 2  # (J, h, w)
+    return torch.exp(-d2 / (2 * POINT_SIGMA ** 2))[None]
+
+
+def locate_points(heatmaps: torch.Tensor) -> np.ndarray:
+    """(1, J, h, w) heat maps at stride 4 -> (J, 2) pixel (x, y): weighted mean of each map's top POINT_TOPK cells."""
+    _, J, h, w = heatmaps.shape
+    values, index = heatmaps[0].reshape(J, h * w).topk(POINT_TOPK, dim=1)  # (J, k) each
+    weights = values.clamp_min(0) + 1e-12
+    weights = weights / weights.sum(1, keepdim=True)
+    x = (weights * (index % w)).sum(1) * STRIDE + (STRIDE - 1) / 2  # cell centre -> pixel
+    y = (weights * (index // w)).sum(1) * STRIDE + (STRIDE - 1) / 2
+    return torch.stack([x, y], 1).cpu().numpy()
 
 
 class Encoder:

@@ -35,13 +35,11 @@ import cli as cmdline  # the module; `cli` below is this file's entry point
 from kernels import local_attention
 from media import (Results, check_points_inside, count_frames, davis_palette, prepare_out_dir, read_frames,
                    read_mask, read_points, video_fps)
-from model import (DEFAULT_CHECKPOINT, FEATURES, STRIDE, Encoder, downsample_labels, load_encoder, scaled_size,
-                   to_frame, to_grid, to_tensor)
+from model import (DEFAULT_CHECKPOINT, FEATURES, STRIDE, Encoder, downsample_labels, gaussian_heatmaps, hard_labels,
+                   load_encoder, locate_points, scaled_size, to_frame, to_grid, to_tensor)
 from model import lab_features, net_encoder  # noqa: F401 (bench.py and .ci/compile_check.py import them from here)
 from stopping import StopSignals
 
-POINT_SIGMA = 1.0  # std of a keypoint's Gaussian heat map, in stride-4 cells (= 4 pixels of the frame)
-POINT_TOPK = 5  # a point's location: probability-weighted mean of its 5 most probable stride-4 cells
 NORMALIZED_TEMPERATURE = 0.05  # the model's temperature when its features are L2-normalised (README)
 LAB_TEMPERATURE = 0.0007  # Lab colour's, of the squared distances: with model.LAB_LIGHTNESS_WEIGHT, from a grid
 PRECISIONS = ("auto", "fp16", "fp32")  # --precision (`storage_dtype`, model.encoder_in_bf16)
@@ -76,10 +74,9 @@ PROTOCOLS = {
 
 
 def storage_dtype(cfg: PropagationConfig, device: torch.device) -> torch.dtype:
-    """The dtype references are kept and compared in: fp16 with --precision fp16, and with auto on a GPU (the fused
-    kernels take model+lab's 68 channels only in 16 bits: fp32 above 64 channels spills registers; fp16's 11 mantissa
-    bits leave the measured J&F unchanged (README), bf16's 8 would not do for Lab's squared distances at temperature
-    0.0007); fp32 otherwise. The encoder's arithmetic is `model.encoder_in_bf16`'s (`net_encoder`)."""
+    """The dtype references are kept and compared in: fp16 with "fp16", and with "auto" on a GPU (the fused kernels
+    take model+lab's 68 channels only in 16 bits, fp32 above 64 spilling registers; fp16's 11 mantissa bits leave the
+    measured J&F unchanged (README), bf16's 8 would not do for Lab's squared distances); fp32 otherwise."""
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{cfg.precision}' (choose {', '.join(PRECISIONS)})")
     return torch.float16 if cfg.precision == "fp16" or (cfg.precision == "auto" and device.type != "cpu") \
@@ -151,19 +148,9 @@ def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: to
         yield probs
 
 
-def hard_labels(probs: torch.Tensor) -> torch.Tensor:
-    """What the paper's protocol feeds back: the soft output (1, K, h, w) upsampled to the encoded frame's full
-    resolution (the frame's own at --scale 1), its argmax there, and that hard map's one-hot averaged back down to
-    stride 4 (soft only at the object borders, like the first frame's labels) -> (1, K, h, w)."""
-    full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)  # (1, K, H', W')
-    one_hot = F.one_hot(full.argmax(1), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    return downsample_labels(one_hot)
-
-
 def object_ids(mask: np.ndarray) -> np.ndarray:
     """The object ids of a label map, background 0 excluded; ValueError when there is none."""
-    ids = np.unique(mask)
-    ids = ids[ids != 0]
+    ids = np.unique(mask[mask != 0])
     if len(ids) == 0:
         raise ValueError("the first-frame mask has no object (every pixel is background 0)")
     if ids.max() > 255:
@@ -190,31 +177,8 @@ def propagate_masks(frames: Iterable[np.ndarray], first_mask: np.ndarray, cfg: P
     channels = np.searchsorted(lut, first_mask)  # (H, W) channel index; lut is sorted as ids are
     one_hot = F.one_hot(torch.from_numpy(channels).to(device), len(lut)).permute(2, 0, 1)[None].float()
     first_labels = downsample_labels(to_grid(one_hot, cfg.scale))  # (1, K, H'/4, W'/4), soft at object borders
-    for i, probs in enumerate(_propagate(first, frames, first_labels, cfg, encoders, device)):
-        if i == 0:
-            yield first_mask.astype(np.uint8)
-            continue
-        yield lut[to_frame(probs, H, W, cfg.scale)[0].argmax(0).cpu().numpy()]  # argmax at full size
-
-
-def gaussian_heatmaps(points: np.ndarray, h: int, w: int, device: torch.device) -> torch.Tensor:
-    """Points (J, 2) as pixel (x, y) -> (1, J, h, w) Gaussians of std POINT_SIGMA cells at stride 4, peak 1."""
-    centres = (torch.as_tensor(points, dtype=torch.float32, device=device) - (STRIDE - 1) / 2) / STRIDE  # cells
-    ys = torch.arange(h, device=device, dtype=torch.float32).view(1, h, 1)
-    xs = torch.arange(w, device=device, dtype=torch.float32).view(1, 1, w)
-    d2 = (xs - centres[:, 0, None, None]) ** 2 + (ys - centres[:, 1, None, None]) ** 2  # (J, h, w)
-    return torch.exp(-d2 / (2 * POINT_SIGMA ** 2))[None]
-
-
-def locate_points(heatmaps: torch.Tensor) -> np.ndarray:
-    """(1, J, h, w) heat maps at stride 4 -> (J, 2) pixel (x, y): weighted mean of each map's top POINT_TOPK cells."""
-    _, J, h, w = heatmaps.shape
-    values, index = heatmaps[0].reshape(J, h * w).topk(POINT_TOPK, dim=1)  # (J, k) each
-    weights = values.clamp_min(0) + 1e-12
-    weights = weights / weights.sum(1, keepdim=True)
-    x = (weights * (index % w)).sum(1) * STRIDE + (STRIDE - 1) / 2  # cell centre -> pixel
-    y = (weights * (index // w)).sum(1) * STRIDE + (STRIDE - 1) / 2
-    return torch.stack([x, y], 1).cpu().numpy()
+    for i, probs in enumerate(_propagate(first, frames, first_labels, cfg, encoders, device)):  # argmax at full size
+        yield lut[to_frame(probs, H, W, cfg.scale)[0].argmax(0).cpu().numpy()] if i else first_mask.astype(np.uint8)
 
 
 def propagate_points(frames: Iterable[np.ndarray], first_points: np.ndarray, cfg: PropagationConfig,
@@ -235,7 +199,6 @@ def propagate_points(frames: Iterable[np.ndarray], first_points: np.ndarray, cfg
     cfg = replace(cfg, soft_labels=True)
     for i, heatmaps in enumerate(_propagate(first, frames, first_labels, cfg, encoders, device)):
         yield np.asarray(first_points, dtype=np.float64) if i == 0 else locate_points(heatmaps) / to_scaled
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,10 +244,8 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
     prepare_out_dir(out, overwrite)
 
     inputs, shown = itertools.tee(itertools.islice(read_frames(video), start, start + total))  # tee buffers one
-    if points_mode:
-        results = propagate_points(inputs, xy[visible], cfg, encoders, dev)
-    else:
-        results = propagate_masks(inputs, first_mask, cfg, encoders, dev)
+    results = (propagate_points(inputs, xy[visible], cfg, encoders, dev) if points_mode
+               else propagate_masks(inputs, first_mask, cfg, encoders, dev))
     writer = Results(out, palette, video_fps(video) if overlay else None,
                      (sequence, start, visible) if points_mode else None)
     with StopSignals() as stop, writer:
