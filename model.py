@@ -251,7 +251,6 @@ def save_atomic(obj, path: Path):
             raise
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Propagation's frames, labels and features: frames and labels onto the encoder's stride-4 grid and back to the
 # frame's size, and what frames are compared by

@@ -41,7 +41,7 @@ from model import lab_features, net_encoder  # noqa: F401 (bench.py and .ci/comp
 from stopping import StopSignals
 
 NORMALIZED_TEMPERATURE = 0.05  # the model's temperature when its features are L2-normalised (README)
-LAB_TEMPERATURE = 0.0007  # Lab colour's, of the squared distances: with model.LAB_LIGHTNESS_WEIGHT, from a grid
+LAB_TEMPERATURE = 0.0007  # Lab colour's temperature (squared distances), chosen with model.LAB_LIGHTNESS_WEIGHT
 PRECISIONS = ("auto", "fp16", "fp32")  # --precision (`storage_dtype`, model.encoder_in_bf16)
 
 
