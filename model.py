@@ -1,27 +1,39 @@
-"""The CorrFlow encoder and the copy step it is trained and used through.
+"""The CorrFlow encoder, the copy step it is trained and used through, and the features propagation compares.
 
 The encoder is a ResNet-18 variant with output stride 4: conv1 7x7 stride 2, no max-pool, layer2 stride 2,
 layers 3 and 4 at stride 1, then a 3x3 conv down to 64 feature channels. Features are not normalised.
 The copy step is restricted attention: every target position attends to a (2M+1)^2 window of each reference's
 features and takes the softmax-weighted sum of the references' labels (see `kernels/local_attention.py`).
+Propagation (propagate.py) puts frames on the encoder's stride-4 grid (`to_tensor`) and compares them through
+`Encoder`s: the trained encoder's features, raw Lab colour, or both.
 """
 import contextlib
 import copy
+import functools
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import rgb_to_lab
 from files import atomic_write
 from kernels import local_attention
 
 STRIDE = 4  # feature map stride of the encoder; labels are averaged down to this stride
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "corrflow.pt"  # the shipped weights
+FEATURES = ("model", "lab", "model+lab")  # what propagation compares frames by (`load_encoder`)
+LAB_LIGHTNESS_WEIGHT = 1.0  # lightness against colour in `lab_features`: the best of a grid on DAVIS (README)
+POINT_SIGMA = 1.0  # std of a keypoint's Gaussian heat map, in stride-4 cells (= 4 pixels of the frame)
+POINT_TOPK = 5  # a point's location: probability-weighted mean of its 5 most probable stride-4 cells
 
 
 @dataclass
@@ -238,3 +250,128 @@ def save_atomic(obj, path: Path):
                 raise e.__context__ from None
             raise
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Propagation's frames, labels and features: frames and labels onto the encoder's stride-4 grid and back to the
+# frame's size, and what frames are compared by
+
+
+def scaled_size(H: int, W: int, scale: float) -> tuple[int, int]:
+    """The size a H x W frame is encoded at (before padding to multiples of 4)."""
+    return (H, W) if scale == 1 else (max(STRIDE, round(H * scale)), max(STRIDE, round(W * scale)))
+
+
+def to_grid(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-pixel maps (1, C, H, W) -> the encoded frame's (1, C, H', W'): resized by `scale` (antialiased bilinear,
+    whose weights are positive and sum to 1, so labels stay averages), right/bottom edge replicated up to
+    multiples of 4."""
+    size = scaled_size(*x.shape[-2:], scale)
+    if size != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return F.pad(x, (0, -size[1] % STRIDE, 0, -size[0] % STRIDE), mode="replicate")
+
+
+def to_tensor(frame: np.ndarray, device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, H', W') float in [0, 1]: scaled by `scale`, padded to multiples of 4."""
+    rgb = torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1)[None].float() / 255
+    return to_grid(rgb, scale)
+
+
+def to_frame(probs: torch.Tensor, H: int, W: int, scale: float) -> torch.Tensor:
+    """Stride-4 probabilities (1, K, h, w) of a frame encoded at `scale` -> (1, K, H, W) at the frame's own size:
+    upsampled to the encoded frame, its padding cut off, then (when scale != 1) resized to H x W."""
+    h, w = scaled_size(H, W, scale)
+    full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)[..., :h, :w]
+    return full if (h, w) == (H, W) else F.interpolate(full, size=(H, W), mode="bilinear", align_corners=False)
+
+
+def hard_labels(probs: torch.Tensor) -> torch.Tensor:
+    """What the paper's protocol feeds back: the soft output (1, K, h, w) upsampled to the encoded frame's full
+    resolution (the frame's own at --scale 1), its argmax there, and that hard map's one-hot averaged back down to
+    stride 4 (soft only at the object borders, like the first frame's labels) -> (1, K, h, w)."""
+    full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)  # (1, K, H', W')
+    one_hot = F.one_hot(full.argmax(1), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    return downsample_labels(one_hot)
+
+
+def gaussian_heatmaps(points: np.ndarray, h: int, w: int, device: torch.device) -> torch.Tensor:
+    """Points (J, 2) as pixel (x, y) -> (1, J, h, w) Gaussians of std POINT_SIGMA cells at stride 4, peak 1."""
+    centres = (torch.as_tensor(points, dtype=torch.float32, device=device) - (STRIDE - 1) / 2) / STRIDE  # cells
+    ys = torch.arange(h, device=device, dtype=torch.float32).view(1, h, 1)
+    xs = torch.arange(w, device=device, dtype=torch.float32).view(1, 1, w)
+    d2 = (xs - centres[:, 0, None, None]) ** 2 + (ys - centres[:, 1, None, None]) ** 2  # (J, h, w)
+    return torch.exp(-d2 / (2 * POINT_SIGMA ** 2))[None]
+
+
+def locate_points(heatmaps: torch.Tensor) -> np.ndarray:
+    """(1, J, h, w) heat maps at stride 4 -> (J, 2) pixel (x, y): weighted mean of each map's top POINT_TOPK cells."""
+    _, J, h, w = heatmaps.shape
+    values, index = heatmaps[0].reshape(J, h * w).topk(POINT_TOPK, dim=1)  # (J, k) each
+    weights = values.clamp_min(0) + 1e-12
+    weights = weights / weights.sum(1, keepdim=True)
+    x = (weights * (index % w)).sum(1) * STRIDE + (STRIDE - 1) / 2  # cell centre -> pixel
+    y = (weights * (index // w)).sum(1) * STRIDE + (STRIDE - 1) / 2
+    return torch.stack([x, y], 1).cpu().numpy()
+
+
+class Encoder:
+    """One kind of features: RGB (B, 3, H, W) in [0, 1], H and W multiples of 4 -> (query, key), each
+    (B, C, H/4, W/4), whose dot product is the attention logit before the temperature.
+
+    Dot-product features (the model) give <q, k>, optionally L2-normalised (a cosine). For squared-distance features
+    (Lab) the pair is augmented so that the dot product gives -|q - k|^2 up to a per-query constant, which the
+    softmax ignores: -|q - k|^2 = 2 q.k - |k|^2 - |q|^2, so query' = [2q, 1] and key' = [k, -|k|^2].
+    """
+
+    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], squared_distance: bool):
+        self.embed = embed
+        self.squared_distance = squared_distance
+
+    @torch.inference_mode()
+    def __call__(self, rgb: torch.Tensor, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.embed(rgb).float()  # (B, C, H/4, W/4)
+        if not self.squared_distance:
+            feats = F.normalize(feats, dim=1) if normalize else feats
+            return feats, feats
+        sq = (feats * feats).sum(1, keepdim=True)  # (B, 1, H/4, W/4)
+        return torch.cat([2 * feats, torch.ones_like(sq)], 1), torch.cat([feats, -sq], 1)  # (B, C+1, H/4, W/4)
+
+
+def lab_features(rgb: torch.Tensor) -> torch.Tensor:
+    """RGB (B, 3, H, W) -> Lab averaged over 4x4 cells as (w (L/100 - 1/2), a/128, b/128), w = LAB_LIGHTNESS_WEIGHT:
+    one unit of L weighs as much as one unit of a or b when w = 128/100. Centred on mid-grey, which leaves every
+    distance as it is and keeps the terms of -|q - k|^2 small, so that fp16 references round them less."""
+    lab = rgb_to_lab(rgb)  # (B, 3, H, W): L in [0, 100], a and b in about [-128, 127]
+    scale = torch.tensor([LAB_LIGHTNESS_WEIGHT / 100, 1 / 128, 1 / 128], device=rgb.device).view(1, 3, 1, 1)
+    grey = torch.tensor([LAB_LIGHTNESS_WEIGHT / 2, 0, 0], device=rgb.device).view(1, 3, 1, 1)
+    return F.avg_pool2d(lab * scale, STRIDE) - grey  # (B, 3, H/4, W/4)
+
+
+def load_encoder(checkpoint: Optional[str | Path], features: Optional[str], device: torch.device,
+                 precision: str = "auto") -> list[Encoder]:
+    """The feature extractors: "model" (CorrFlow weights from `checkpoint`, None for the shipped one), "lab", or
+    "model+lab" (both: their logits are summed). `precision` is the model's (`net_encoder`)."""
+    features = features or "model"
+    if features not in FEATURES:
+        raise ValueError(f"unknown features '{features}' (choose {', '.join(FEATURES)})")
+    lab = [Encoder(lab_features, squared_distance=True)] if "lab" in features.split("+") else []
+    if "model" not in features.split("+"):
+        return lab
+    if checkpoint is None or Path(checkpoint) == DEFAULT_CHECKPOINT:
+        if not DEFAULT_CHECKPOINT.is_file():
+            raise ValueError(f"{DEFAULT_CHECKPOINT.relative_to(DEFAULT_CHECKPOINT.parents[1])} not found: the trained "
+                             "weights are not shipped yet; pass --checkpoint PATH or use --features lab")
+        checkpoint = DEFAULT_CHECKPOINT
+    model, _, _ = load_checkpoint(checkpoint, map_location=device)
+    return [net_encoder(model, device, precision)] + lab
+
+
+def net_encoder(model: CorrFlow, device: torch.device, precision: str = "auto") -> Encoder:
+    """A CorrFlow encoder (eval mode) on `device`, in bf16 autocast (channels-last) or fp32 as `encoder_in_bf16`
+    says for its forward; with "auto" on a CPU the probe's numbers and the choice are said on stderr."""
+    say = functools.partial(print, file=sys.stderr)
+    bf16 = encoder_in_bf16(precision, device, backward=False, report=say)
+    if precision == "auto" and torch.device(device).type == "cpu":
+        say(f"encoding in {'bf16' if bf16 else 'fp32'} (--precision to choose)")
+    model = model.to(device, memory_format=torch.channels_last if bf16 else torch.contiguous_format)
+    return Encoder(functools.partial(encode, model, bf16=bf16), squared_distance=False)

@@ -18,14 +18,13 @@ overlay video. SIGTERM, SIGINT or SIGHUP stop it after the frame under way, ever
 """
 import argparse
 import contextlib
-import functools
 import itertools
 import signal
 import sys
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -33,17 +32,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli as cmdline  # the module; `cli` below is this file's entry point
-from data import rgb_to_lab
 from kernels import local_attention
 from media import (Results, check_points_inside, count_frames, davis_palette, prepare_out_dir, read_frames,
                    read_mask, read_points, video_fps)
-from media import save_png  # noqa: F401 (tests/test_files.py imports it from here)
-from model import STRIDE, bf16_faster, downsample_labels, encode, load_checkpoint
+from model import (DEFAULT_CHECKPOINT, FEATURES, STRIDE, Encoder, downsample_labels, gaussian_heatmaps, hard_labels,
+                   load_encoder, locate_points, scaled_size, to_frame, to_grid, to_tensor)
+from model import lab_features, net_encoder  # noqa: F401 (bench.py and .ci/compile_check.py import them from here)
 from stopping import StopSignals
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "corrflow.pt"
-POINT_SIGMA = 1.0  # std of a keypoint's Gaussian heat map, in stride-4 cells (= 4 pixels of the frame)
-POINT_TOPK = 5  # a point's location: probability-weighted mean of its 5 most probable stride-4 cells
+NORMALIZED_TEMPERATURE = 0.05  # the model's temperature when its features are L2-normalised (README)
+LAB_TEMPERATURE = 0.0007  # Lab colour's temperature (squared distances), chosen with model.LAB_LIGHTNESS_WEIGHT
+PRECISIONS = ("auto", "fp16", "fp32")  # --precision (`storage_dtype`, model.encoder_in_bf16)
 
 
 @dataclass
@@ -59,7 +58,7 @@ class PropagationConfig:
     num_recent: int = 3  # N most recent frames, with their predicted labels, as references (CorrFlow: 1)
     soft_labels: bool = True  # feed back probabilities; False: the full-resolution argmax (CorrFlow)
     scale: float = 1.0  # encode at this fraction of the size (0.5: 1/4 of the FLOPs, windows span 2x the motion)
-    precision: str = "auto"  # "fp32", "fp16" or "auto": the encoder's and the references' arithmetic (`precisions`)
+    precision: str = "auto"  # "fp32", "fp16" or "auto": the encoder's and the references' arithmetic
 
 
 PROTOCOLS = {
@@ -74,135 +73,18 @@ PROTOCOLS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Features
-
-
-class Encoder:
-    """One kind of features: RGB (B, 3, H, W) in [0, 1], H and W multiples of 4 -> (query, key), each
-    (B, C, H/4, W/4), whose dot product is the attention logit before the temperature.
-
-    Dot-product features (the model) give <q, k>, optionally L2-normalised (a cosine). For squared-distance features
-    (Lab) the pair is augmented so that the dot product gives -|q - k|^2 up to a per-query constant, which the
-    softmax ignores: -|q - k|^2 = 2 q.k - |k|^2 - |q|^2, so query' = [2q, 1] and key' = [k, -|k|^2].
-    """
-
-    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], squared_distance: bool):
-        self.embed = embed
-        self.squared_distance = squared_distance
-
-    @torch.inference_mode()
-    def __call__(self, rgb: torch.Tensor, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.embed(rgb).float()  # (B, C, H/4, W/4)
-        if not self.squared_distance:
-            feats = F.normalize(feats, dim=1) if normalize else feats
-            return feats, feats
-        sq = (feats * feats).sum(1, keepdim=True)  # (B, 1, H/4, W/4)
-        return torch.cat([2 * feats, torch.ones_like(sq)], 1), torch.cat([feats, -sq], 1)  # (B, C+1, H/4, W/4)
-
-
-FEATURES = ("model", "lab", "model+lab")
-PRECISIONS = ("auto", "fp16", "fp32")
-LAB_LIGHTNESS_WEIGHT = 1.0  # lightness against colour in `lab_features`: the best of a grid on DAVIS (README)
-LAB_TEMPERATURE = 0.0007  # ... and the softmax temperature of the squared distances, from the same grid
-NORMALIZED_TEMPERATURE = 0.05  # the model's temperature when its features are L2-normalised (README)
-PROBE_SIZE = 128  # --precision auto on a CPU times the encoder on 2 frames of this size in fp32 and in bf16
-
-
-def precisions(precision: str, device: torch.device, model: Optional[torch.nn.Module] = None
-               ) -> tuple[bool, torch.dtype]:
-    """--precision -> (the encoder runs in bf16 autocast, the dtype references are kept and compared in).
-
-    "fp32": fp32 both. "fp16": bf16, fp16. "auto": on a GPU bf16, fp16 (the fused kernels take model+lab's 68
-    channels only in 16 bits: fp32 above 64 channels spills registers; fp16's 11 mantissa bits leave the measured J&F
-    unchanged (README), bf16's 8 would not do for Lab's squared distances at temperature 0.0007); on a CPU fp32
-    references, and the encoder in bf16 where `model.bf16_faster` finds it faster for `model` (said in one line)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
-    if precision != "auto":
-        return precision == "fp16", torch.float16 if precision == "fp16" else torch.float32
-    if device.type != "cpu":
-        return device.type == "cuda", torch.float16
-    bf16 = False
-    if model is not None:
-        bf16, t32, t16 = bf16_faster(model, PROBE_SIZE, backward=False)
-        print(f"encoder on 2 frames at {PROBE_SIZE}x{PROBE_SIZE}: fp32 {t32 * 1e3:.0f} ms, bf16 {t16 * 1e3:.0f} ms: "
-              f"encoding in {'bf16' if bf16 else 'fp32'} (--precision to choose)", file=sys.stderr)
-    return bf16, torch.float32
-
-
 def storage_dtype(cfg: PropagationConfig, device: torch.device) -> torch.dtype:
-    """The dtype references are kept and compared in (`precisions`)."""
-    return precisions(cfg.precision, device)[1]
-
-
-def lab_features(rgb: torch.Tensor) -> torch.Tensor:
-    """RGB (B, 3, H, W) -> Lab averaged over 4x4 cells as (w (L/100 - 1/2), a/128, b/128), w = LAB_LIGHTNESS_WEIGHT:
-    one unit of L weighs as much as one unit of a or b when w = 128/100. Centred on mid-grey, which leaves every
-    distance as it is and keeps the terms of -|q - k|^2 small, so that fp16 references round them less."""
-    lab = rgb_to_lab(rgb)  # (B, 3, H, W): L in [0, 100], a and b in about [-128, 127]
-    scale = torch.tensor([LAB_LIGHTNESS_WEIGHT / 100, 1 / 128, 1 / 128], device=rgb.device).view(1, 3, 1, 1)
-    grey = torch.tensor([LAB_LIGHTNESS_WEIGHT / 2, 0, 0], device=rgb.device).view(1, 3, 1, 1)
-    return F.avg_pool2d(lab * scale, STRIDE) - grey  # (B, 3, H/4, W/4)
-
-
-def load_encoder(checkpoint: Optional[str | Path], features: Optional[str], device: torch.device,
-                 precision: str = "auto") -> list[Encoder]:
-    """The feature extractors: "model" (CorrFlow weights from `checkpoint`, None for the shipped one), "lab", or
-    "model+lab" (both: their logits are summed). `precision` as PropagationConfig's (the model's encoder part)."""
-    features = features or "model"
-    if features not in FEATURES:
-        raise ValueError(f"unknown features '{features}' (choose {', '.join(FEATURES)})")
-    lab = [Encoder(lab_features, squared_distance=True)] if "lab" in features.split("+") else []
-    if "model" not in features.split("+"):
-        return lab
-    if checkpoint is None or Path(checkpoint) == DEFAULT_CHECKPOINT:
-        if not DEFAULT_CHECKPOINT.is_file():
-            raise ValueError(f"{DEFAULT_CHECKPOINT.relative_to(DEFAULT_CHECKPOINT.parents[1])} not found: the trained "
-                             "weights are not shipped yet; pass --checkpoint PATH or use --features lab")
-        checkpoint = DEFAULT_CHECKPOINT
-    model, _, _ = load_checkpoint(checkpoint, map_location=device)
-    return [net_encoder(model, device, precision)] + lab
-
-
-def net_encoder(model: torch.nn.Module, device: torch.device, precision: str = "auto") -> Encoder:
-    """A CorrFlow encoder (eval mode) on `device`, in bf16 autocast (channels-last) or fp32 as `precisions` says."""
-    bf16, _ = precisions(precision, device, model)
-    model = model.to(device, memory_format=torch.channels_last if bf16 else torch.contiguous_format)
-    return Encoder(functools.partial(encode, model, bf16=bf16), squared_distance=False)
+    """The dtype references are kept and compared in: fp16 with "fp16", and with "auto" on a GPU (the fused kernels
+    take model+lab's 68 channels only in 16 bits, fp32 above 64 spilling registers; fp16's 11 mantissa bits leave the
+    measured J&F unchanged (README), bf16's 8 would not do for Lab's squared distances); fp32 otherwise."""
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision '{cfg.precision}' (choose {', '.join(PRECISIONS)})")
+    return torch.float16 if cfg.precision == "fp16" or (cfg.precision == "auto" and device.type != "cpu") \
+        else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Propagation
-
-
-def scaled_size(H: int, W: int, scale: float) -> tuple[int, int]:
-    """The size a H x W frame is encoded at (before padding to multiples of 4)."""
-    return (H, W) if scale == 1 else (max(STRIDE, round(H * scale)), max(STRIDE, round(W * scale)))
-
-
-def to_grid(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Per-pixel maps (1, C, H, W) -> the encoded frame's (1, C, H', W'): resized by `scale` (antialiased bilinear,
-    whose weights are positive and sum to 1, so labels stay averages), right/bottom edge replicated up to
-    multiples of 4."""
-    size = scaled_size(*x.shape[-2:], scale)
-    if size != tuple(x.shape[-2:]):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return F.pad(x, (0, -size[1] % STRIDE, 0, -size[0] % STRIDE), mode="replicate")
-
-
-def to_tensor(frame: np.ndarray, device: torch.device, scale: float = 1.0) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (1, 3, H', W') float in [0, 1]: scaled by `scale`, padded to multiples of 4."""
-    rgb = torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1)[None].float() / 255
-    return to_grid(rgb, scale)
-
-
-def to_frame(probs: torch.Tensor, H: int, W: int, scale: float) -> torch.Tensor:
-    """Stride-4 probabilities (1, K, h, w) of a frame encoded at `scale` -> (1, K, H, W) at the frame's own size:
-    upsampled to the encoded frame, its padding cut off, then (when scale != 1) resized to H x W."""
-    h, w = scaled_size(H, W, scale)
-    full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)[..., :h, :w]
-    return full if (h, w) == (H, W) else F.interpolate(full, size=(H, W), mode="bilinear", align_corners=False)
 
 
 def temperatures(cfg: PropagationConfig, encoders: list[Encoder]) -> list[float]:
@@ -266,19 +148,9 @@ def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: to
         yield probs
 
 
-def hard_labels(probs: torch.Tensor) -> torch.Tensor:
-    """What the paper's protocol feeds back: the soft output (1, K, h, w) upsampled to the encoded frame's full
-    resolution (the frame's own at --scale 1), its argmax there, and that hard map's one-hot averaged back down to
-    stride 4 (soft only at the object borders, like the first frame's labels) -> (1, K, h, w)."""
-    full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)  # (1, K, H', W')
-    one_hot = F.one_hot(full.argmax(1), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    return downsample_labels(one_hot)
-
-
 def object_ids(mask: np.ndarray) -> np.ndarray:
     """The object ids of a label map, background 0 excluded; ValueError when there is none."""
-    ids = np.unique(mask)
-    ids = ids[ids != 0]
+    ids = np.unique(mask[mask != 0])
     if len(ids) == 0:
         raise ValueError("the first-frame mask has no object (every pixel is background 0)")
     if ids.max() > 255:
@@ -305,31 +177,8 @@ def propagate_masks(frames: Iterable[np.ndarray], first_mask: np.ndarray, cfg: P
     channels = np.searchsorted(lut, first_mask)  # (H, W) channel index; lut is sorted as ids are
     one_hot = F.one_hot(torch.from_numpy(channels).to(device), len(lut)).permute(2, 0, 1)[None].float()
     first_labels = downsample_labels(to_grid(one_hot, cfg.scale))  # (1, K, H'/4, W'/4), soft at object borders
-    for i, probs in enumerate(_propagate(first, frames, first_labels, cfg, encoders, device)):
-        if i == 0:
-            yield first_mask.astype(np.uint8)
-            continue
-        yield lut[to_frame(probs, H, W, cfg.scale)[0].argmax(0).cpu().numpy()]  # argmax at full size
-
-
-def gaussian_heatmaps(points: np.ndarray, h: int, w: int, device: torch.device) -> torch.Tensor:
-    """Points (J, 2) as pixel (x, y) -> (1, J, h, w) Gaussians of std POINT_SIGMA cells at stride 4, peak 1."""
-    centres = (torch.as_tensor(points, dtype=torch.float32, device=device) - (STRIDE - 1) / 2) / STRIDE  # cells
-    ys = torch.arange(h, device=device, dtype=torch.float32).view(1, h, 1)
-    xs = torch.arange(w, device=device, dtype=torch.float32).view(1, 1, w)
-    d2 = (xs - centres[:, 0, None, None]) ** 2 + (ys - centres[:, 1, None, None]) ** 2  # (J, h, w)
-    return torch.exp(-d2 / (2 * POINT_SIGMA ** 2))[None]
-
-
-def locate_points(heatmaps: torch.Tensor) -> np.ndarray:
-    """(1, J, h, w) heat maps at stride 4 -> (J, 2) pixel (x, y): weighted mean of each map's top POINT_TOPK cells."""
-    _, J, h, w = heatmaps.shape
-    values, index = heatmaps[0].reshape(J, h * w).topk(POINT_TOPK, dim=1)  # (J, k) each
-    weights = values.clamp_min(0) + 1e-12
-    weights = weights / weights.sum(1, keepdim=True)
-    x = (weights * (index % w)).sum(1) * STRIDE + (STRIDE - 1) / 2  # cell centre -> pixel
-    y = (weights * (index // w)).sum(1) * STRIDE + (STRIDE - 1) / 2
-    return torch.stack([x, y], 1).cpu().numpy()
+    for i, probs in enumerate(_propagate(first, frames, first_labels, cfg, encoders, device)):  # argmax at full size
+        yield lut[to_frame(probs, H, W, cfg.scale)[0].argmax(0).cpu().numpy()] if i else first_mask.astype(np.uint8)
 
 
 def propagate_points(frames: Iterable[np.ndarray], first_points: np.ndarray, cfg: PropagationConfig,
@@ -350,7 +199,6 @@ def propagate_points(frames: Iterable[np.ndarray], first_points: np.ndarray, cfg
     cfg = replace(cfg, soft_labels=True)
     for i, heatmaps in enumerate(_propagate(first, frames, first_labels, cfg, encoders, device)):
         yield np.asarray(first_points, dtype=np.float64) if i == 0 else locate_points(heatmaps) / to_scaled
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -396,10 +244,8 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
     prepare_out_dir(out, overwrite)
 
     inputs, shown = itertools.tee(itertools.islice(read_frames(video), start, start + total))  # tee buffers one
-    if points_mode:
-        results = propagate_points(inputs, xy[visible], cfg, encoders, dev)
-    else:
-        results = propagate_masks(inputs, first_mask, cfg, encoders, dev)
+    results = (propagate_points(inputs, xy[visible], cfg, encoders, dev) if points_mode
+               else propagate_masks(inputs, first_mask, cfg, encoders, dev))
     writer = Results(out, palette, video_fps(video) if overlay else None,
                      (sequence, start, visible) if points_mode else None)
     with StopSignals() as stop, writer:

@@ -14,8 +14,8 @@ import torch
 import checkpoints
 import evaluate
 import files
+import media
 import model
-import propagate
 import train
 
 SMALL = model.ModelConfig(feat_dim=8, widths=(8, 8, 8, 8))  # a small encoder: its checkpoints are kilobytes
@@ -38,7 +38,7 @@ def export(path, version):
 
 
 def png(path, version):
-    propagate.save_png(np.full((8, 8), version, np.uint8), propagate.davis_palette(), path)
+    media.save_png(np.full((8, 8), version, np.uint8), media.davis_palette(), path)
 
 
 def csv_file(path, version):

@@ -200,7 +200,7 @@ def test_streaming_keeps_at_most_n_plus_one_references(clip, monkeypatch):
 
 
 def test_missing_default_checkpoint_says_how_to_go_on(monkeypatch, tmp_path):
-    monkeypatch.setattr(propagate, "DEFAULT_CHECKPOINT", tmp_path / "checkpoints" / "corrflow.pt")
+    monkeypatch.setattr(model, "DEFAULT_CHECKPOINT", tmp_path / "checkpoints" / "corrflow.pt")
     with pytest.raises(ValueError, match="--checkpoint PATH or use --features lab"):
         load_encoder(None, "model", CPU)
 
@@ -316,8 +316,8 @@ def test_summed_logits_of_model_and_lab():
     here checked by hand on a 2x2-cell frame whose only reference is the first frame (radius covers all of it)."""
     g = torch.Generator().manual_seed(0)
     proj = torch.randn(5, 3, generator=g)
-    model_part = propagate.Encoder(lambda rgb: torch.einsum("dc,bchw->bdhw", proj, F_avg(rgb)), squared_distance=False)
-    lab_part = propagate.Encoder(propagate.lab_features, squared_distance=True)
+    model_part = model.Encoder(lambda rgb: torch.einsum("dc,bchw->bdhw", proj, F_avg(rgb)), squared_distance=False)
+    lab_part = model.Encoder(model.lab_features, squared_distance=True)
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(2)]
     labels = torch.rand(1, 3, 2, 2, generator=g)
@@ -327,7 +327,7 @@ def test_summed_logits_of_model_and_lab():
 
     rgb = [propagate.to_tensor(f, CPU) for f in frames]
     m = [torch.nn.functional.normalize(model_part.embed(x), dim=1).flatten(2)[0] for x in rgb]  # (5, 4) each
-    lab = [propagate.lab_features(x).flatten(2)[0] for x in rgb]  # (3, 4) each
+    lab = [model.lab_features(x).flatten(2)[0] for x in rgb]  # (3, 4) each
     logits = m[1].T @ m[0] / 0.3 - ((lab[1].T[:, None] - lab[0].T[None]) ** 2).sum(-1) / 0.01  # (query, key)
     expected = (torch.softmax(logits, 1) @ labels.flatten(2)[0].T).T.reshape(1, 3, 2, 2)
     torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
@@ -396,21 +396,22 @@ def test_fp16_references_are_rounded_and_change_little(shared_data, tmp_path, mo
 
 def test_precision_sets_the_encoders_arithmetic(monkeypatch, capsys):
     """fp32: the model's own fp32 forward; fp16: bf16 autocast, channels-last (features within rounding of fp32);
-    auto on a CPU: whichever the probe finds faster, said in one line."""
+    auto on a CPU: whichever the probe finds faster, its numbers and the choice said on stderr."""
     rgb = torch.rand(1, 3, 64, 96)
-    net, _, _ = model.load_checkpoint(propagate.DEFAULT_CHECKPOINT)
+    net, _, _ = model.load_checkpoint(model.DEFAULT_CHECKPOINT)
     with torch.no_grad():
         plain = net(rgb)
     fp32, _ = load_encoder(None, "model", CPU, "fp32")[0](rgb)
     bf16, _ = load_encoder(None, "model", CPU, "fp16")[0](rgb)
     assert torch.equal(fp32, plain) and bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
     assert torch.nn.functional.cosine_similarity(bf16, fp32, dim=1).min() > 0.99
-    for faster, expected in ((False, fp32), (True, bf16)):
-        monkeypatch.setattr(propagate, "bf16_faster", lambda *a, faster=faster, **k: (faster, 0.2, 0.1))
+    for faster, expected in ((False, fp32), (True, bf16)):  # model.encoder_in_bf16's probe, of the forward
+        monkeypatch.setattr(model, "probe_bf16", lambda backward, f=faster: (f and not backward, 0.2, 0.1, True))
         auto, _ = load_encoder(None, "model", CPU, "auto")[0](rgb)
         assert torch.equal(auto, expected)
-        assert capsys.readouterr().err.strip().endswith(f"encoding in {'bf16' if faster else 'fp32'} "
-                                                        "(--precision to choose)")
+        probe, choice = capsys.readouterr().err.strip().splitlines()
+        assert probe.startswith("bf16 probe (cached)") and choice == f"encoding in {'bf16' if faster else 'fp32'} " \
+            "(--precision to choose)"
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         load_encoder(None, "model", CPU, "fp8")
 
