@@ -47,7 +47,7 @@ class TrainConfig:
     lr: float = 2e-4  # Adam, betas (0.9, 0.999) (CorrFlow)
     lr_halve_at: tuple = (400_000, 600_000, 800_000, 1_000_000)  # samples seen at which lr halves (CorrFlow);
     #   values <= 1 are fractions of the run, e.g. 0.5 0.75 for a short one, 1 for a constant lr
-    epochs: int = 10  # an epoch = the non-overlapping clips of every video (CorrFlow: 10 epochs of Kinetics)
+    epochs: int = 10  # an epoch: about one clip per 12 frames of every video, as CorrFlow counts (10 of Kinetics)
     model: ModelConfig = field(default_factory=ModelConfig)
     # -- the run
     data: str = "kinetics/"  # folder of videos, searched recursively (video files or folders of frames)
