@@ -5,7 +5,7 @@
     python bench.py train --data gpu_data/train_videos_256 --workers 8
     python bench.py --device cpu --quick             # smaller everything, for a smoke test
 
-Each part compares the plain PyTorch reference (`local_attention_ref`) with the fused Triton op; the fused op needs
+Each part compares the plain PyTorch reference (`local_attention_cpu`) with the fused Triton op; the fused op needs
 CUDA, so a CPU run measures the reference only. The run ends with one markdown table for BENCHMARKS.md.
 Timing: on GPU the op alone is timed with `triton.testing.do_bench` (median after warm-up); training steps and
 propagation are timed with time.perf_counter around CUDA-synchronised sections, after warm-up. On CPU every time is
@@ -32,7 +32,7 @@ import triton.testing
 import model as model_module
 import propagate as propagate_module
 from data import ClipDataset, RunBatches, read_frames
-from kernels import local_attention_ref
+from kernels import local_attention_cpu
 from model import CorrFlow, encode, load_checkpoint
 from propagate import PropagationConfig, load_encoder, net_encoder, propagate_masks, read_mask
 from train import TrainConfig, colour_dropout, colour_targets, colourise, nll
@@ -141,7 +141,7 @@ def attention_op(fused: bool):
         yield
         return
     saved = model_module.local_attention, propagate_module.local_attention
-    model_module.local_attention = propagate_module.local_attention = local_attention_ref
+    model_module.local_attention = propagate_module.local_attention = local_attention_cpu
     try:
         yield
     finally:
@@ -207,12 +207,12 @@ def kernel_row(case: dict, dtype_name: str, device, reps: int, quick: bool, band
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     B, note = case["B"], ""
     if not cuda and case["backward"]:  # seconds per run at B=48 on a CPU: keep the case under a minute
-        probe_ms = measure_kernel(local_attention_ref, case, 6, dtype, device, reps=1)[0]
+        probe_ms = measure_kernel(local_attention_cpu, case, 6, dtype, device, reps=1)[0]
         while B > 6 and (quick or probe_ms * B / 6 * (reps + 1) > 60e3):
             B //= 2
         if B != case["B"]:
             note = f"B={B}, not {case['B']}, on CPU ({probe_ms * case['B'] / 6e3:.0f} s per run at {case['B']}); "
-    ref_ms, ref_mem, in_bytes, floor = measure_kernel(local_attention_ref, case, B, dtype, device, reps)
+    ref_ms, ref_mem, in_bytes, floor = measure_kernel(local_attention_cpu, case, B, dtype, device, reps)
     fused_ms, fused_mem = None, None
     if cuda:
         fused_ms, fused_mem, _, _ = measure_kernel(model_module.local_attention, case, B, dtype, device, reps)
