@@ -69,7 +69,7 @@ def guarded(part: str, case: str, dtype: str, make_rows) -> list:
     except Exception as e:  # noqa: BLE001 - whatever failed, the table records it and the benchmark goes on
         rows = [error_row(part, case, dtype, e)]
     for row in rows:
-        log(row)
+        print(f"{row.part} | {row.case} | {row.dtype} | plain {row.plain} | op {row.op}", flush=True)
     return rows
 
 
@@ -83,10 +83,6 @@ def median_ms(fn, device: torch.device, reps: int) -> float:
         fn()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
-
-
-def _status_kib(field: str) -> int:
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 
 
 @contextmanager
@@ -104,7 +100,7 @@ def peak_memory(device: torch.device):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current resident size
-            held = _status_kib("VmRSS") * 1024
+            held = _status_kib("VmRSS")
         except OSError:
             pass
     yield mem
@@ -112,7 +108,11 @@ def peak_memory(device: torch.device):
         torch.cuda.synchronize()
         mem["extra"] = torch.cuda.max_memory_allocated() - held
     elif held is not None:
-        mem["extra"] = _status_kib("VmHWM") * 1024 - held
+        mem["extra"] = _status_kib("VmHWM") - held
+
+
+def _status_kib(field: str) -> int:  # a field of /proc/self/status, in bytes
+    return 1024 * next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith(field + ":"))
 
 
 @contextmanager
@@ -135,18 +135,13 @@ def fmt_mem(mems: list) -> str:
     return " / ".join(f"+{m['extra'] / MiB:,.0f}" if m and m["extra"] is not None else "n/a" for m in mems) + " MiB"
 
 
-def log(row: Row):
-    print(f"{row.part} | {row.case} | {row.dtype} | plain {row.plain} | op {row.op}", flush=True)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Part 1: the op alone
 
 
 KERNEL_CASES = (  # fwd+bwd: training, grads for all three inputs; fwd: propagation, under no_grad
     dict(name="train: 6 clips x 8 copies", B=48, C=64, H=64, W=64, R=1, K=16, radius=6, backward=True),
-    dict(name="propagate 480p", B=1, C=64, H=120, W=216, R=4, K=8, radius=6, backward=False),
-    dict(name="propagate 480p", B=1, C=64, H=120, W=216, R=4, K=8, radius=12, backward=False),
+    *(dict(name="propagate 480p", B=1, C=64, H=120, W=216, R=4, K=8, radius=r, backward=False) for r in (6, 12)),
     dict(name="propagate 240p", B=1, C=64, H=60, W=108, R=4, K=8, radius=6, backward=False),
 )
 DENSE_MAX_BYTES = 2**30  # the dense specification is timed where its (B, HW, R*HW) affinity takes at most this
@@ -184,20 +179,23 @@ def measure_kernel(op, case: dict, B: int, dtype, device, reps: int):
     return median_ms(run, device, reps), mem
 
 
-def kernel_row(case: dict, dtype_name: str, device, reps: int) -> Row:
+def kernel_row(case: dict, dtype_name: str, device, reps: int, bandwidth: float) -> Row:
     """One case: the plain PyTorch baseline (CPU: dense specification, up to DENSE_MAX_BYTES; GPU: the PyTorch path)
     and this device's path, on the same random inputs."""
     cuda, dtype = device.type == "cuda", {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    B = 6 if case["backward"] and not cuda else case["B"]  # training's 48 clips take seconds per run on a CPU
+    B = min(6, case["B"]) if case["backward"] and not cuda else case["B"]  # training's 48 clips take seconds per run on a CPU
     affinity = B * (case["H"] * case["W"]) ** 2 * case["R"] * 4
     baseline = local_attention_cpu if cuda else (local_attention_dense if affinity <= DENSE_MAX_BYTES else None)
     base_ms, base_mem = measure_kernel(baseline, case, B, dtype, device, reps) if baseline else (None, None)
     ms, mem = measure_kernel(model_module.local_attention, case, B, dtype, device, reps)
     matmul = matmul_gflops(device)  # measured beside the op: a shared machine's load moves both alike
     flop = useful_flop(case, B)
+    n_io = B * case["H"] * case["W"] * (case["C"] + case["K"]) * (1 + case["R"])  # inputs and output, elements
+    floor_ms = n_io * (3 if case["backward"] else 1) * torch.finfo(dtype).bits / 8 / bandwidth * 1e3
     details = (f"useful {flop / 1e9:.2f} GFLOP: " + ", ".join(
         f"{name} {flop / t / 1e6:.1f} GFLOP/s = {flop / t / 1e6 / matmul:.0%}" for name, t in
-        (("plain", base_ms), ("op", ms)) if t) + f" of fp32 matmul ({matmul:.0f} GFLOP/s)" + (
+        (("plain", base_ms), ("op", ms)) if t) + f" of fp32 matmul ({matmul:.0f} GFLOP/s); op at {floor_ms / ms:.1%} "
+        f"of the floor (inputs read and output written once, x3 fwd+bwd, at {bandwidth / 1e9:.0f} GB/s)" + (
         "" if baseline else f"; dense specification not run: its affinity takes {affinity / 2**30:.1f} GiB"))
     sizes = (f"B={B} C={case['C']} {case['H']}x{case['W']} R={case['R']} K={case['K']} radius {case['radius']}, "
              + ("fwd+bwd" if case["backward"] else "fwd"))
@@ -207,9 +205,11 @@ def kernel_row(case: dict, dtype_name: str, device, reps: int) -> Row:
 
 def bench_kernel(device, dtypes, quick):
     """The op alone on each of KERNEL_CASES: yields a row per case and dtype, as it is measured."""
+    x, y = (torch.ones(2**30 if device.type == "cuda" else 2**28, dtype=torch.uint8, device=device) for _ in "xy")
+    bandwidth = 2 * x.numel() / (median_ms(lambda: y.copy_(x), device, reps=5) * 1e-3)  # bytes/s of a copy
     for case, dtype_name in itertools.product(KERNEL_CASES, dtypes if device.type == "cuda" else ["fp32"]):
         yield from guarded("kernel", case["name"], dtype_name,
-                           lambda: [kernel_row(case, dtype_name, device, 3 if quick else 5)])
+                           lambda: [kernel_row(case, dtype_name, device, 3 if quick else 5, bandwidth)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,8 +413,7 @@ def main(parts, device="auto", dtype=None, quick=False, data="../shared/data/tra
             for row in run():  # rows as they are measured: an interruption keeps those done
                 rows.append(row)
         except Exception as e:  # noqa: BLE001
-            rows.append(error_row(part, "the whole part", "-", e))
-            log(rows[-1])
+            rows += guarded(part, "the whole part", "-", lambda: [error_row(part, "the whole part", "-", e)])
         except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: the table of what was measured, then stop
             rows.append(Row(part, "interrupted (SIGINT): the cases after the last row were not run", "-"))
             break
