@@ -183,7 +183,7 @@ def kernel_row(case: dict, dtype_name: str, device, reps: int, bandwidth: float)
     """One case: the plain PyTorch baseline (CPU: dense specification, up to DENSE_MAX_BYTES; GPU: the PyTorch path)
     and this device's path, on the same random inputs."""
     cuda, dtype = device.type == "cuda", {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    B = min(6, case["B"]) if case["backward"] and not cuda else case["B"]  # training's 48 clips take seconds per run on a CPU
+    B = min(6, case["B"]) if case["backward"] and not cuda else case["B"]  # 48 clips: seconds per run on a CPU
     affinity = B * (case["H"] * case["W"]) ** 2 * case["R"] * 4
     baseline = local_attention_cpu if cuda else (local_attention_dense if affinity <= DENSE_MAX_BYTES else None)
     base_ms, base_mem = measure_kernel(baseline, case, B, dtype, device, reps) if baseline else (None, None)
