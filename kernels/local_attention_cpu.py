@@ -9,8 +9,9 @@ a few large batched matrix products:
   (its halo: the tile grown by the radius) are consecutive whole rows: a strided view, not a copy (no im2col).
 - Scores. One product per tile, (TILE_H * TILE_W, C + 1) x (C + 1, halo positions of every reference), computed
   for all tiles of a chunk by one `baddbmm` that starts from the window mask (0 inside |dy|, |dx| <= radius, -inf
-  outside). The extra channel is 1 for every query and, for the keys, 0 on the image and the dtype's lowest value
-  off it (padding and the rows between strips): the product itself excludes them, with weight exactly 0.
+  outside), then divided by the temperature. The extra channel is 1 for every query and, for the keys, 0 on the
+  image and a finite value near the dtype's lowest off it (padding, the rows between strips): the product itself
+  excludes those positions, with weight exactly 0, and no row of the softmax is all -inf (no NaN, even in padding).
 - Softmax over the last axis, then out^T = values^T (K, halo) x probabilities^T: with K a handful of labels this
   order keeps the product's long axis inside the BLAS kernel.
 References that share a radius share a buffer; several radii give one buffer each and slices of one softmax.
@@ -20,7 +21,6 @@ SCORE_BUDGET_BYTES whatever the map and the number of references. With autograd 
 differentiated by torch (the graph holds the probabilities, as any softmax's does).
 """
 import torch
-import torch.nn.functional as F
 
 from .arguments import check_arguments, radii
 
