@@ -5,7 +5,7 @@
 
 Triton carries its own `ptxas`, so a kernel can be compiled all the way to a cubin for sm_80 (A100) and sm_90
 (H100) without a driver. The launches are collected from the project's own call sites, run on meta tensors (shapes,
-strides and dtypes without memory or arithmetic) with the op's launcher replaced by a recorder:
+strides and dtypes without memory or arithmetic) with each kernel's launch replaced by a recorder:
 - bench: `bench.py`'s KERNEL_CASES, fp32 and bf16, as `measure_kernel` makes their inputs, through the dispatch.
 - train: `train.colourise` and `train.nll`, forward and backward, on the encoder's output as `model.encode` gives it
   on CUDA (bf16 under autocast, channels-last, split into frames by `view`/`unbind`; autocast cannot run on meta
@@ -14,7 +14,7 @@ strides and dtypes without memory or arithmetic) with the op's launcher replaced
 - propagate: `propagate._propagate` itself at real frame sizes (DAVIS 480p, the 428x240 demo, 1080p, an odd width,
   each at scale 1 and 0.5), the presets and the options that change a launch (20 recent frames, the first frame's
   radius 12, top-k off), model, Lab and model+Lab features, fp16 references (the default on a GPU) and fp32 ones,
-  1 and 15 objects; what the dispatch sends to the reference (fp32 features of more than 64 channels) is not
+  1 and 15 objects; what the dispatch sends to the PyTorch path (fp32 features of more than 64 channels) is not
   launched and not compiled.
 - gpu test: the `gpu` tests' fp32 shapes (tests/test_kernels.py, GPU_SHAPES), forward and backward.
 The argument specialisation (an integer equal to 1 becomes a constant, pointers and integers that are multiples of
@@ -78,10 +78,11 @@ class Compile:
 
 @contextlib.contextmanager
 def recording(*modules):
-    """Within: the op's launches are appended to the yielded list instead of running, and the `local_attention` of
-    each module (a call site) dispatches as it would for CUDA tensors: the fused op, or for what it leaves to the
-    reference an empty result (nothing is launched)."""
+    """Within: the op's kernel launches (`kernel[grid](*args, **meta)`) are appended to the yielded list instead of
+    running, and the `local_attention` of each module (a call site) dispatches as it would for CUDA tensors: the
+    fused op, or for what it leaves to the PyTorch path an empty result (nothing is launched)."""
     import torch
+    from triton.runtime.jit import JITFunction
 
     op = importlib.import_module("kernels.local_attention")  # the module (`kernels.local_attention` is the function)
     launches = []
@@ -92,15 +93,21 @@ def recording(*modules):
         return torch.zeros(query.shape[0], values.shape[2], *query.shape[2:], device=query.device,
                            dtype=query.dtype, requires_grad=query.requires_grad or values.requires_grad)
 
-    saved = op._launch, [m.local_attention for m in modules]
-    op._launch = lambda kernel, grid, args, meta: launches.append((kernel, grid, args, meta))
+    def recorder(kernel):  # `kernel[grid](...)` calls kernel.run(*args, grid=grid, warmup=False, **meta)
+        return lambda *args, grid, warmup, **meta: launches.append((kernel, grid, args, meta))
+
+    kernels = [k for k in vars(op).values() if isinstance(k, JITFunction)]
+    saved = [m.local_attention for m in modules]
+    for kernel in kernels:
+        kernel.run = recorder(kernel)  # an instance attribute, in front of the class's method
     for m in modules:
         m.local_attention = dispatch
     try:
         yield launches
     finally:
-        op._launch = saved[0]
-        for m, f in zip(modules, saved[1]):
+        for kernel in kernels:
+            del kernel.run
+        for m, f in zip(modules, saved):
             m.local_attention = f
 
 

@@ -1,4 +1,4 @@
-"""Restricted (local) attention: the copy step of CorrFlow, as one fused op.
+"""Restricted (local) attention: the copy step of CorrFlow, as one op.
 
 For every position p = (y, x) of the query map and every reference frame r, the candidates are the reference
 positions q = (y + dy, x + dx) with |dy|, |dx| <= radius_r that lie inside the image (`radius`: one int for every
@@ -9,175 +9,67 @@ reference, or one per reference). One softmax runs jointly over the candidates o
     out[:, p]  = sum_{r, q} a(p, r, q) * values[r, :, q]
 
 Shapes: query (B, C, H, W), refs (B, R, C, H, W), values (B, R, K, H, W) -> out (B, K, H, W).
-Out-of-image window slots are excluded by an explicit validity mask computed from coordinates; the position
-itself is always a candidate, so every softmax has at least one term. Top-k keeps ties with the k-th score (so
-possibly more than k terms), and all candidates of a position that has fewer than k.
+The position itself is always a candidate, so every softmax has at least one term. Top-k keeps ties with the k-th
+score (so possibly more than k terms), and all candidates of a position that has fewer than k.
 
-Two implementations with the same signature:
-- `local_attention_ref`: plain PyTorch, the specification: dense scores of each 8x8 tile of queries against the
-  references' positions around it, masked to each query's window; memory bounded by processing tile rows in
-  chunks (about 0.8 GB peak for 480p, 4 references, radius 12).
-- `local_attention_triton`: fused Triton kernels (forward and backward), see the header of the Triton part below.
-`local_attention` dispatches: the Triton path for CUDA tensors (except fp32 inputs of more than 64 channels, which
-spill registers: the reference, with a warning), the reference otherwise.
+Supported: any B, C, K, R, H, W >= 1, any radius >= 0 per reference, temperature > 0, top-k; gradients for query,
+refs and values. This file, in order:
+- `local_attention_dense`: the specification, on the full (HW x R*HW) affinity: every other path is tested against
+  it (outputs and gradients). Quadratic in H*W: for small maps.
+- `local_attention_cpu` (kernels/local_attention_cpu.py): plain PyTorch by strips and tiles, memory-bounded, any
+  device and floating dtype: the path for CPU tensors.
+- The fused Triton kernels, forward and backward, and `local_attention_triton`: the path for CUDA tensors. fp32,
+  fp16 and bf16 inputs (all three the same dtype), any strides (no copies); scores, softmax statistics and sums in
+  fp32. fp32 products use 3xTF32 on a GPU (`_precision`), exact fp32 in Triton's CPU interpreter. Top-k up to
+  MAX_TOPK. Offsets are 32-bit: inputs of 2^31 elements or more, or B x R above 65535, are refused in one line.
+- `local_attention`, which picks: the fused kernels for CUDA tensors, except fp32 inputs of more than
+  FUSED_FP32_MAX_CHANNELS channels (they would spill registers: the CPU path, with a warning); the CPU path otherwise.
+
+The kernels. A program owns a TILE_H x TILE_W tile of query positions of one batch element. The union of its
+queries' windows is the tile grown by `radius`, clipped to the image (the "halo"). The program walks the halo of
+every reference in chunks of BLOCK_N positions: scores for the whole tile with one `tl.dot`, a mask from integer
+coordinates, and an online softmax (running max and sum, as in flash attention) shared by all references: one
+joint softmax without concatenation; nothing window-sized is written to memory. With top-k, a first pass
+(`_kth_kernel`) finds each query's k-th score and the other kernels mask below it. The forward saves its inputs,
+its output and the per-position log-sum-exp (B, H, W) in fp32. Backward: one kernel recomputes the scores per
+query tile for d(query); another owns a tile of reference positions and walks the halo of the queries that see it
+(the window relation is symmetric), so d(refs) and d(values) need no atomics: deterministic.
+Tile shapes (`CONFIGS`) are chosen so that no kernel spills registers on sm_80 or sm_90 (`python
+.ci/compile_check.py` compiles every launch the project makes and fails on a spill): 16-bit inputs 8x8 tiles (a
+warpgroup's 64 rows) and chunks of 32; fp32 4x8 tiles and chunks of 16 (the 3xTF32 dot keeps each operand with its
+TF32 head and tail in registers; above 64 channels every shape tried spills). BENCHMARKS.md gives the fraction of
+computed scores that fall inside a window.
 """
-import math
-import re
 import warnings
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-
-TILE = 8  # the reference takes queries in TILE x TILE tiles
-SCORE_BUDGET_BYTES = 64 * 2**20  # ... and keeps at most about this much of scores at a time
-
-
-def _check(query, refs, values, radius, temperature, topk=0):
-    if query.dim() != 4:
-        raise ValueError(f"query must be (B, C, H, W), got shape {tuple(query.shape)}")
-    if refs.dim() != 5:
-        raise ValueError(f"refs must be (B, R, C, H, W), got shape {tuple(refs.shape)}")
-    if values.dim() != 5:
-        raise ValueError(f"values must be (B, R, K, H, W), got shape {tuple(values.shape)}")
-    B, C, H, W = query.shape
-    if refs.shape[0] != B or refs.shape[2] != C or refs.shape[3:] != (H, W):
-        raise ValueError(f"refs {tuple(refs.shape)} do not match query {tuple(query.shape)} in B, C, H, W")
-    if values.shape[:2] != refs.shape[:2] or values.shape[3:] != (H, W):
-        raise ValueError(f"values {tuple(values.shape)} do not match refs {tuple(refs.shape)} in B, R, H, W")
-    if min(B, C, H, W, refs.shape[1], values.shape[2]) < 1:
-        raise ValueError(f"empty input: query {tuple(query.shape)}, refs {tuple(refs.shape)}, "
-                         f"values {tuple(values.shape)}")
-    for name, t in (("query", query), ("refs", refs), ("values", values)):
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if not (query.dtype == refs.dtype == values.dtype):
-        raise ValueError(f"dtypes differ: query {query.dtype}, refs {refs.dtype}, values {values.dtype}")
-    if not (query.device == refs.device == values.device):
-        raise ValueError(f"devices differ: query {query.device}, refs {refs.device}, values {values.device}")
-    radii(radius, refs.shape[1])
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
-        raise ValueError(f"topk must be an integer >= 0 (0: every candidate), got {topk!r}")
-
-
-def radii(radius, R: int) -> list[int]:
-    """The window radius of each of R references: `radius` is one int for all of them, or a sequence of R ints."""
-    try:
-        rs = [radius] * R if isinstance(radius, int) and not isinstance(radius, bool) else list(radius)
-    except TypeError:  # neither an int nor a sequence
-        rs = [radius]
-    if len(rs) != R or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in rs):
-        raise ValueError(f"radius must be an integer >= 0 or a sequence of {R} of them (one per reference), "
-                         f"got {radius!r}")
-    return rs
-
-
-def local_attention_ref(query, refs, values, radius, temperature=1.0, topk=0):
-    """Plain PyTorch restricted attention (the specification). See the module docstring for the math.
-
-    Queries are taken in TILE x TILE tiles; each tile's candidates in a reference are the positions of its halo (the
-    tile grown by that reference's radius on every side), gathered with `unfold`. Scores of a tile against its halos
-    are matrix products; the window relation (|dy|, |dx| <= radius, inside the image) is an explicit boolean mask.
-    References that share a radius are gathered together. Tile rows are processed in chunks so that the scores stay
-    under SCORE_BUDGET_BYTES.
-    """
-    _check(query, refs, values, radius, temperature, topk)
-    B, C, H, W = query.shape
-    R, K = refs.shape[1], values.shape[2]
-    S = TILE
-    tiles_y, tiles_x = -(-H // S), -(-W // S)
-    Hp, Wp = tiles_y * S, tiles_x * S  # query map padded to whole tiles
-    query_p = F.pad(query, (0, Wp - W, 0, Hp - H))
-    query_pad = F.pad(query.new_zeros(1, 1, H, W), (0, Wp - W, 0, Hp - H), value=1.0)  # 1 on the tiles' padding
-    by_radius = {}  # radius -> the references that have it
-    for i, r in enumerate(radii(radius, R)):
-        by_radius.setdefault(r, []).append(i)
-
-    def candidates(r, index):
-        """The references `index`, all of radius r -> halos(t0, t1): for tile rows t0..t1, their keys and values
-        (B, n, len(index) * halo^2, C or K) and which of them each tile position may see (n, S^2, len(index) * halo^2)."""
-        halo, n_refs = S + 2 * r, len(index)
-        pad = (r, r + Wp - W, r, r + Hp - H)  # references padded by the radius (and the tiles' padding)
-        refs_p = F.pad(refs[:, index].reshape(B * n_refs, C, H, W), pad)
-        values_p = F.pad(values[:, index].reshape(B * n_refs, K, H, W), pad)
-        inside_p = F.pad(query.new_ones(1, 1, H, W), pad)  # 1 where a padded position is a real pixel
-        # near[i, j]: halo position j lies in the window of tile position i (offsets are the same for every tile)
-        offsets = torch.arange(halo, device=query.device) - r
-        near_1d = (torch.arange(S, device=query.device)[:, None] - offsets[None, :]).abs() <= r  # (S, halo)
-        near = (near_1d[:, None, :, None] & near_1d[None, :, None, :]).reshape(S * S, halo * halo)
-
-        def unfold(x, channels, t0, t1):  # padded (B*n_refs, ch, ., .) -> (B, tiles, n_refs*halo^2, ch)
-            x = F.unfold(x[:, :, t0 * S:t1 * S + 2 * r], halo, stride=S).view(B, n_refs, channels, halo * halo, -1)
-            return x.permute(0, 4, 1, 3, 2).reshape(B, -1, n_refs * halo * halo, channels)
-
-        def halos(t0, t1):
-            inside = F.unfold(inside_p[:, :, t0 * S:t1 * S + 2 * r], halo, stride=S)[0].T > 0  # (n, halo^2)
-            padding = F.unfold(query_pad[:, :, t0 * S:t1 * S], S, stride=S)[0].T > 0  # (n, S^2) queries off the map
-            # a query off the map (tile padding, cropped at the end) may see anything: no all -inf row, no NaN
-            valid = (near[None] & (inside[:, None, :] | padding[:, :, None])).repeat(1, 1, n_refs)
-            return unfold(refs_p, C, t0, t1), unfold(values_p, K, t0, t1), valid
-
-        return halos
-
-    groups = [candidates(r, index) for r, index in by_radius.items()]
-    n_candidates = sum(len(index) * (S + 2 * r) ** 2 for r, index in by_radius.items())
-    bytes_per_tile_row = B * tiles_x * S * S * n_candidates * 4
-    rows = max(1, min(tiles_y, SCORE_BUDGET_BYTES // bytes_per_tile_row))
-    out = []
-    for t0 in range(0, tiles_y, rows):
-        t1 = min(tiles_y, t0 + rows)
-        keys, vals, valid = (torch.cat(parts, -2 if i < 2 else -1)
-                             for i, parts in enumerate(zip(*(halos(t0, t1) for halos in groups))))
-        q = F.unfold(query_p[:, :, t0 * S:t1 * S], S, stride=S).view(B, C, S * S, -1).permute(0, 3, 2, 1)
-        scores = (q @ keys.transpose(-1, -2)) / temperature  # (B, n, S^2, candidates)
-        scores = scores.masked_fill(~valid, float("-inf"))  # a real query always sees itself
-        if 0 < topk < scores.shape[-1]:  # keep the scores >= the k-th largest (ties kept; -inf when fewer valid)
-            kth = scores.topk(topk, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        acc_dtype = torch.promote_types(scores.dtype, torch.float32)  # softmax in fp32 (fp64 stays fp64)
-        attn = torch.softmax(scores, dim=-1, dtype=acc_dtype).to(query.dtype)  # one softmax over all R refs
-        o = attn @ vals  # (B, n, S^2, K)
-        o = o.permute(0, 3, 2, 1).reshape(B, K * S * S, -1)
-        out.append(F.fold(o, ((t1 - t0) * S, Wp), S, stride=S))  # (B, K, rows, Wp)
-    return torch.cat(out, 2)[:, :, :H, :W]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Fused Triton path.
-#
-# Supported: any B, C, K, R, H, W >= 1, one radius >= 0 per reference, top-k up to MAX_TOPK (a first pass,
-# `_kth_kernel`, finds each query's k-th score; the other kernels mask below it); fp32, fp16 and bf16 inputs (all three the same dtype),
-# arbitrary strides (no copies are made). Scores, softmax statistics and sums accumulate in fp32. fp32 inputs use
-# 3xTF32 products on a GPU (input_precision="tf32x3": each operand split into a TF32 head and tail, three
-# tensor-core products; close to fp32, see `_precision`) and exact fp32 in the CPU interpreter. Gradients for query,
-# refs and values.
-#
-# Tiling. A program owns a TILE_H x TILE_W tile of query positions of one batch element. The union of the windows
-# of its queries is the tile grown by `radius` on each side, clipped to the image (the "halo"). The program walks
-# the halo of every reference in chunks of BLOCK_N positions: scores for the whole tile with one `tl.dot`, a mask
-# from integer coordinates (|dy|, |dx| <= radius), and an online softmax (running max and sum, as in flash
-# attention) shared by all references, so the R references form one joint softmax without any concatenation.
-# Nothing of size window x H x W is written to global memory.
-#
-# Backward. The forward saves its inputs, its output and the per-position log-sum-exp (B, H, W) in fp32; nothing
-# else. One kernel recomputes the scores per query tile and accumulates d(query); a second kernel owns a tile of
-# reference positions and walks the halo of *queries* that can see it (the window relation is symmetric), so
-# d(refs) and d(values) are accumulated without atomics: deterministic.
-#
-# Tile shapes (`CONFIGS`), chosen so that no kernel spills registers on sm_80 or sm_90 (`python
-# .ci/compile_check.py` compiles every launch the project makes for both and fails on a spill):
-# - 16-bit inputs: 8x8 query tiles (64 rows: a whole warpgroup MMA on sm_90), halo chunks of 32 positions.
-# - fp32 inputs: 4x8 tiles, chunks of 16. The 3xTF32 dot keeps each operand and its TF32 head and tail in registers,
-#   and with all C = 64 channels of the queries and of a chunk of keys live at once, wider chunks or taller tiles
-#   spill on one target or the other. Above 64 channels (model+lab's 68, padded to 128) every shape tried spills. (Exact fp32, "ieee", compiles to an FMA loop that spills 11-19 KB per thread
-#   at 8x8 tiles with chunks of 64.)
-# Short chunks waste less in the last chunk of each halo, and smaller tiles see more of their halo: BENCHMARKS.md
-# gives the fraction of computed scores that fall inside a window.
-# --------------------------------------------------------------------------------------------------------------
 import triton
 import triton.language as tl
+
+from .arguments import check_arguments, check_interpreter, check_launch_limits, radii
+from .local_attention_cpu import local_attention_cpu
+
+
+def local_attention_dense(query, refs, values, radius, temperature=1.0, topk=0):
+    """The definition above, written out on the full (H*W x R*H*W) affinity; any device and floating dtype."""
+    check_arguments(query, refs, values, radius, temperature, topk)
+    B, C, H, W = query.shape
+    R, dev = refs.shape[1], query.device
+    yy, xx = torch.meshgrid(torch.arange(H, device=dev), torch.arange(W, device=dev), indexing="ij")
+    yy, xx = yy.flatten(), xx.flatten()
+    dist = torch.maximum((yy[:, None] - yy).abs(), (xx[:, None] - xx).abs())  # (HW, HW): the larger of |dy|, |dx|
+    near = dist[:, None, :] <= torch.tensor(radii(radius, R), device=dev)[:, None]  # (HW, R, HW): in the window
+    scores = torch.einsum("bcp,brcq->bprq", query.flatten(2), refs.flatten(3)) / temperature
+    scores = scores.masked_fill(~near, float("-inf")).flatten(2)  # (B, HW, R*HW): one softmax over all references
+    if topk:  # keep the scores >= the topk-th largest (ties kept; all candidates when fewer)
+        kth = scores.topk(min(topk, scores.shape[-1]), -1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    attn = torch.softmax(scores, -1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
+    return torch.einsum("bprq,brkq->bkp", attn.view(B, H * W, R, H * W), values.flatten(3)).view(B, -1, H, W)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The fused Triton path
 
 # tile and chunk shape per input dtype: (TILE_H, TILE_W) query positions per program, BLOCK_N halo positions per chunk
 CONFIGS = {
@@ -186,7 +78,7 @@ CONFIGS = {
     torch.bfloat16: dict(TILE_H=8, TILE_W=8, BLOCK_N=32),
 }
 # fp32 inputs of more channels than this (padded to 128: model+lab's 64 + 4) spill registers on sm_90 at every tile
-# shape tried (2x8 and 4x8 tiles, 4 or 8 warps: 12-64 bytes): `local_attention` runs the reference for them on CUDA
+# shape tried (2x8 and 4x8 tiles, 4 or 8 warps: 12-64 bytes): `local_attention` runs the CPU path for them on CUDA
 FUSED_FP32_MAX_CHANNELS = 64
 # ptxas' register limit per thread (.maxnreg). Without it ptxas may aim at a higher occupancy and spill a few bytes
 # at 168 registers rather than use the ~230 these kernels need; the limit lets it use all 255 before spilling.
@@ -416,10 +308,10 @@ def _bwd_ref_kernel(
         qy = hy0 + n // halo_w  # (N,) query coordinates
         qx = hx0 + n % halo_w
         q_in = n < halo
-        q_t = tl.load(q_ptr + b * stride_qb + c[:, None] * stride_qc + qy[None, :] * stride_qh + qx[None, :] * stride_qw,
-                      mask=(c[:, None] < C) & q_in[None, :], other=0.0)  # (C_PAD, N)
-        do = tl.load(do_ptr + b * stride_ob + kk[None, :] * stride_ok + qy[:, None] * stride_oh + qx[:, None] * stride_ow,
-                     mask=q_in[:, None] & (kk[None, :] < K), other=0.0)  # (N, K_PAD)
+        q_t = tl.load(q_ptr + b * stride_qb + c[:, None] * stride_qc + qy[None, :] * stride_qh
+                      + qx[None, :] * stride_qw, mask=(c[:, None] < C) & q_in[None, :], other=0.0)  # (C_PAD, N)
+        do = tl.load(do_ptr + b * stride_ob + kk[None, :] * stride_ok + qy[:, None] * stride_oh
+                     + qx[:, None] * stride_ow, mask=q_in[:, None] & (kk[None, :] < K), other=0.0)  # (N, K_PAD)
         lse = tl.load(lse_ptr + b * H * W + qy * W + qx, mask=q_in, other=0.0)
         delta = tl.load(delta_ptr + b * H * W + qy * W + qx, mask=q_in, other=0.0)
         s_t = tl.dot(k, q_t, input_precision=PRECISION) * scale_log2  # (M, N) scores, transposed
@@ -441,66 +333,25 @@ def _bwd_ref_kernel(
              dv.to(dv_ptr.dtype.element_ty), mask=k_in[:, None] & (kk[None, :] < K))
 
 
-def _precision(dtype, gpu):
-    """`tl.dot`'s input precision. fp32 on a GPU: "tf32x3", three TF32 tensor-core products per dot (the operands
-    split into a TF32 head and tail), about fp32-accurate; exact fp32 ("ieee") compiles to an FMA loop that spills
-    heavily at these tile sizes. The CPU interpreter computes exact fp32 ("ieee"). 16-bit inputs use their own
-    tensor-core dot and ignore the setting."""
-    return "tf32x3" if gpu and dtype == torch.float32 else "ieee"
+
+def _precision(query):
+    """`tl.dot`'s input precision. fp32 on a GPU (meta tensors, which the compile check launches on, stand for CUDA
+    ones): "tf32x3", three TF32 tensor-core products per dot (the operands split into a TF32 head and tail), about
+    fp32-accurate; exact fp32 ("ieee") compiles to an FMA loop that spills heavily at these tile sizes. The CPU
+    interpreter computes exact fp32 ("ieee"). 16-bit inputs use their own tensor-core dot and ignore the setting."""
+    return "tf32x3" if query.device.type != "cpu" and query.dtype == torch.float32 else "ieee"
 
 
-def _launch_args(query, refs, values, out, radius, temperature, gpu):
+def _launch_args(query, refs, values, out, radius, temperature):
+    """What every launch shares: strides, sizes, compile-time parameters, grid and the radii (int32 tensor)."""
     B, C, H, W = query.shape
     R, K = refs.shape[1], values.shape[2]
     strides = (*query.stride(), *refs.stride(), *values.stride(), *out.stride())
-    gpu = query.device.type != "cpu" if gpu is None else gpu
     meta = dict(CONFIGS.get(query.dtype, CONFIGS[torch.float32]), C_PAD=max(16, triton.next_power_of_2(C)),
-                K_PAD=max(16, triton.next_power_of_2(K)), PRECISION=_precision(query.dtype, gpu), maxnreg=MAXNREG)
+                K_PAD=max(16, triton.next_power_of_2(K)), PRECISION=_precision(query), maxnreg=MAXNREG)
     grid = (triton.cdiv(H, meta["TILE_H"]) * triton.cdiv(W, meta["TILE_W"]), B)
-    radii_t = torch.tensor(radii(radius, R), dtype=torch.int32, device=query.device)  # each reference's radius
+    radii_t = torch.tensor(radius, dtype=torch.int32, device=query.device)  # each reference's radius
     return strides, (R, C, K, H, W, LOG2E / temperature), meta, grid, radii_t
-
-
-# The launches as (kernel, grid, args, meta) tuples: the op runs them, and `.ci/compile_check.py` compiles
-# exactly what they would compile (the argument specialisation comes from the same arguments). `gpu`: compile for a
-# GPU (True) or the interpreter (False); None: where the tensors are (meta tensors, which the compile check records
-# launches on, stand for CUDA ones). `thr` (B, H, W) fp32: with top-k, the
-# threshold the first launch writes and the others read; None without top-k.
-def _fwd_launches(query, refs, values, out, lse, radius, temperature, topk=0, thr=None, gpu=None):
-    strides, sizes, meta, grid, radii_t = _launch_args(query, refs, values, out, radius, temperature, gpu)
-    launches = []
-    if topk:
-        R, C, K, H, W, scale_log2 = sizes
-        kth_meta = {k: v for k, v in meta.items() if k != "K_PAD"}
-        kth_meta["BLOCK_N"] = max(meta["BLOCK_N"], triton.next_power_of_2(topk))  # holds the topk best
-        launches.append((_kth_kernel, grid, (query, refs, thr, radii_t, *strides[:9], R, C, H, W, topk, scale_log2),
-                         kth_meta))
-    launches.append((_fwd_kernel, grid, (query, refs, values, out, lse, lse if thr is None else thr, radii_t,
-                                         *strides, *sizes), dict(meta, TOPK=bool(topk))))
-    return launches
-
-
-def _bwd_launches(query, refs, values, grad_out, lse, delta, d_query, d_refs, d_values, radius, temperature,
-                  thr=None, gpu=None):
-    """d(query) when d_query is given; d(refs) and d(values) when d_refs and d_values are given."""
-    B, R = refs.shape[:2]
-    strides, sizes, meta, grid, radii_t = _launch_args(query, refs, values, grad_out, radius, temperature, gpu)
-    sizes, meta = (*sizes, 1.0 / temperature), dict(meta, TOPK=thr is not None)
-    thr = lse if thr is None else thr  # unread without top-k
-    launches = []
-    if d_query is not None:
-        launches.append((_bwd_query_kernel, grid, (query, refs, values, grad_out, lse, delta, thr, radii_t, d_query,
-                                                   *strides, *sizes), meta))
-    if d_refs is not None:
-        launches.append((_bwd_ref_kernel, (grid[0], B * R), (query, refs, values, grad_out, lse, delta, thr, radii_t,
-                                                             d_refs, d_values, *strides, *sizes), meta))
-    return launches
-
-
-def _launch(kernel, grid, args, meta):
-    """Every launch of the op goes through here (the compile check replaces it to collect the launches that the
-    project's call sites make, on meta tensors, instead of running them)."""
-    kernel[grid](*args, **meta)
 
 
 class _LocalAttention(torch.autograd.Function):
@@ -509,9 +360,16 @@ class _LocalAttention(torch.autograd.Function):
         B, C, H, W = query.shape
         out = torch.empty(B, values.shape[2], H, W, device=query.device, dtype=query.dtype)
         lse = torch.empty(B, H, W, device=query.device, dtype=torch.float32)
-        thr = torch.empty(B, H, W, device=query.device, dtype=torch.float32) if topk else None
-        for launch in _fwd_launches(query, refs, values, out, lse, radius, temperature, topk, thr):
-            _launch(*launch)
+        strides, sizes, meta, grid, radii_t = _launch_args(query, refs, values, out, radius, temperature)
+        thr = None  # with top-k: (B, H, W) fp32, each query's topk-th score, which the other kernels mask below
+        if topk:
+            thr = torch.empty(B, H, W, device=query.device, dtype=torch.float32)
+            kth_meta = {k: v for k, v in meta.items() if k != "K_PAD"}
+            kth_meta["BLOCK_N"] = max(meta["BLOCK_N"], triton.next_power_of_2(topk))  # holds the topk best
+            R, C, K, H, W, scale_log2 = sizes
+            _kth_kernel[grid](query, refs, thr, radii_t, *strides[:9], R, C, H, W, topk, scale_log2, **kth_meta)
+        _fwd_kernel[grid](query, refs, values, out, lse, lse if thr is None else thr, radii_t, *strides, *sizes,
+                          **meta, TOPK=bool(topk))
         ctx.save_for_backward(query, refs, values, out, lse, thr)
         ctx.radius, ctx.temperature = radius, temperature
         return out
@@ -519,82 +377,54 @@ class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         query, refs, values, out, lse, thr = ctx.saved_tensors
+        B, R = refs.shape[:2]
         delta = (grad_out.float() * out.float()).sum(1)  # (B, H, W): sum_k dO * O, the softmax correction
+        strides, sizes, meta, grid, radii_t = _launch_args(query, refs, values, grad_out, ctx.radius,
+                                                           ctx.temperature)
+        sizes, meta = (*sizes, 1.0 / ctx.temperature), dict(meta, TOPK=thr is not None)
+        thr = lse if thr is None else thr  # unread without top-k
         d_query = d_refs = d_values = None
         if ctx.needs_input_grad[0]:
             d_query = torch.empty(query.shape, device=query.device, dtype=query.dtype)
+            _bwd_query_kernel[grid](query, refs, values, grad_out, lse, delta, thr, radii_t, d_query, *strides,
+                                    *sizes, **meta)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             d_refs = torch.empty(refs.shape, device=refs.device, dtype=refs.dtype)
             d_values = torch.empty(values.shape, device=values.device, dtype=values.dtype)
-        for launch in _bwd_launches(query, refs, values, grad_out, lse, delta, d_query, d_refs, d_values, ctx.radius,
-                                    ctx.temperature, thr):
-            _launch(*launch)
+            _bwd_ref_kernel[grid[0], B * R](query, refs, values, grad_out, lse, delta, thr, radii_t, d_refs,
+                                            d_values, *strides, *sizes, **meta)
         return d_query, d_refs, d_values, None, None, None
 
 
-MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis: B for the forward, B * R for d(refs)
-
-
-def _check_launch_limits(query, refs, values):
-    """The kernels index with 32-bit offsets and put the batch (times R for d(refs)) on the grid's second axis:
-    refuse, in one line, inputs past either limit instead of reading wrapped addresses or failing to launch. The
-    outputs and gradients are contiguous and no larger than the inputs, so checking the inputs covers them."""
-    B, R = refs.shape[:2]
-    for name, t in (("query", query), ("refs", refs), ("values", values)):
-        span = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + 1  # elements an offset can reach
-        if max(span, t.numel()) >= 2**31:
-            raise ValueError(f"the fused op indexes with 32-bit offsets: {name} {tuple(t.shape)} spans {span:,} "
-                             "elements (at most 2^31 - 1); split the batch or the references into several calls")
-    if B * R > MAX_GRID_Y:
-        raise ValueError(f"the fused op launches B x R = {B} x {R} = {B * R} programs on the grid's second axis "
-                         f"(at most {MAX_GRID_Y}); split the batch into several calls")
-
-
-def _check_interpreter(query):
-    """Triton 3.6's CPU interpreter passes a launch's integer arguments as one-element arrays and converts them with
-    int(), which NumPy 2.4 refuses for arrays of one dimension (Triton 3.7 squeezes them first): every launch would
-    fail inside the kernel, so say what to install instead, in one line."""
-    def version(v):
-        return tuple(int(n) for n in re.findall(r"\d+", v)[:2])
-
-    if query.device.type == "cpu" and version(triton.__version__) < (3, 7) and version(np.__version__) >= (2, 4):
-        raise RuntimeError(f"Triton {triton.__version__}'s CPU interpreter cannot run with NumPy {np.__version__}: "
-                           "install numpy<2.4 or triton>=3.7")
-
-
 def local_attention_triton(query, refs, values, radius, temperature=1.0, topk=0):
-    """Fused Triton restricted attention, forward and backward; same signature and result as the reference.
+    """The fused Triton kernels, forward and backward; same signature and result as the specification.
 
     Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, fp32/fp16 only; with
-    Triton 3.6 it needs NumPy < 2.4, and says so in a RuntimeError).
-    Saved for the backward: query, refs, values, the output and a (B, H, W) fp32 log-sum-exp. Offsets are 32-bit and
-    the batch (times R) is a grid axis: inputs of 2^31 elements or more, or B x R above 65535, raise ValueError.
-    """
-    _check(query, refs, values, radius, temperature, topk)
-    _check_launch_limits(query, refs, values)
-    _check_interpreter(query)
-    R = refs.shape[1]
-    n_candidates = sum((2 * r + 1) ** 2 for r in radii(radius, R))
-    topk = 0 if topk >= n_candidates else topk  # at least every candidate: the plain softmax
+    Triton 3.6 it needs NumPy < 2.4, and says so in a RuntimeError). Saved for the backward: query, refs, values, the
+    output and a (B, H, W) fp32 log-sum-exp."""
+    check_arguments(query, refs, values, radius, temperature, topk)
+    check_launch_limits(query, refs, values)
+    check_interpreter(query)
+    rs = radii(radius, refs.shape[1])
+    topk = 0 if topk >= sum((2 * r + 1) ** 2 for r in rs) else topk  # at least every candidate: the plain softmax
     if topk > MAX_TOPK:
         raise ValueError(f"the fused op keeps at most the top {MAX_TOPK} candidates (topk={topk}); use fewer, or "
                          "topk=0 for all of them")
-    return _LocalAttention.apply(query, refs, values, tuple(radii(radius, R)), float(temperature), topk)
+    return _LocalAttention.apply(query, refs, values, tuple(rs), float(temperature), topk)
 
 
 def fused_on_cuda(query) -> bool:
-    """Whether `local_attention` runs the fused op for CUDA inputs like `query`: all but fp32 features of more
+    """Whether `local_attention` runs the fused kernels for CUDA inputs like `query`: all but fp32 features of more
     than FUSED_FP32_MAX_CHANNELS channels."""
     return not (query.dtype == torch.float32 and query.shape[1] > FUSED_FP32_MAX_CHANNELS)
 
 
 def local_attention(query, refs, values, radius, temperature=1.0, topk=0):
-    """Restricted attention: fused Triton kernels for CUDA tensors, the plain PyTorch reference otherwise (and for
-    fp32 inputs of more than FUSED_FP32_MAX_CHANNELS channels, with a warning the first time)."""
-    if query.is_cuda and not fused_on_cuda(query):
-        warnings.warn(f"fp32 features of {query.shape[1]} channels: the fused op holds at most "
-                      f"{FUSED_FP32_MAX_CHANNELS} without spilling registers; running the PyTorch reference")
-        return local_attention_ref(query, refs, values, radius, temperature, topk)
-    if query.is_cuda:
+    """Restricted attention: the fused Triton kernels for CUDA tensors, the plain PyTorch CPU path otherwise (and for
+    fp32 CUDA inputs of more than FUSED_FP32_MAX_CHANNELS channels, with a warning the first time)."""
+    if query.is_cuda and fused_on_cuda(query):
         return local_attention_triton(query, refs, values, radius, temperature, topk)
-    return local_attention_ref(query, refs, values, radius, temperature, topk)
+    if query.is_cuda:
+        warnings.warn(f"fp32 features of {query.shape[1]} channels: the fused kernels hold at most "
+                      f"{FUSED_FP32_MAX_CHANNELS} without spilling registers; running the PyTorch CPU path")
+    return local_attention_cpu(query, refs, values, radius, temperature, topk)

@@ -1,4 +1,4 @@
-"""The fused op on the GPU in the layouts the project really launches it with, against the reference.
+"""The fused op on the GPU in the layouts the project really launches it with, against the PyTorch CPU path.
 
 Training: bf16 features from the encoder under autocast in channels-last, split per frame by `view`/`unbind` as
 `train.py` does, with the three gradients (query, references, labels). Propagation: `propagate.py`'s loop under
@@ -14,7 +14,7 @@ import torch
 import model as model_module
 import propagate
 import train
-from kernels import local_attention_ref
+from kernels import local_attention_cpu
 from model import CorrFlow, ModelConfig
 
 pytestmark = pytest.mark.gpu
@@ -42,13 +42,13 @@ def test_gpu_training_copies_as_train_py_runs_them(monkeypatch):
     labels = torch.softmax(torch.randn(B, 3, 16, size // 4, size // 4, device="cuda"), 2)
 
     fused_op = model_module.local_attention  # the project's dispatch: the fused op for CUDA tensors
-    exact = _training_copies(monkeypatch, local_attention_ref, feats.double(), labels.double(), B)
+    exact = _training_copies(monkeypatch, local_attention_cpu, feats.double(), labels.double(), B)
     errors = {}
-    for name, op in (("fused", fused_op), ("reference", local_attention_ref)):
+    for name, op in (("fused", fused_op), ("reference", local_attention_cpu)):
         outs, grads = _training_copies(monkeypatch, op, feats, labels, B)
         pairs = list(zip(outs, exact[0])) + list(zip(grads, exact[1]))
         errors[name] = [(a.double() - b).abs().max().item() for a, b in pairs]
-    # the fused op's bf16 error (against fp64 on the same inputs) at most twice the reference's own bf16 error
+    # the fused op's bf16 error (against fp64 on the same inputs) at most twice the PyTorch path's own bf16 error
     for err, err_ref in zip(errors["fused"], errors["reference"]):
         assert err <= 2 * err_ref + 1e-6, errors
 
@@ -84,7 +84,7 @@ def test_gpu_propagation_as_propagate_py_runs_it(monkeypatch, features, precisio
 
     def reference(query, refs, values, *args):  # fp32 from the stored values: what the kernels compute
         assert query.dtype == (torch.float16 if precision == "auto" else torch.float32)
-        return local_attention_ref(query.float(), refs.float(), values.float(), *args).to(query.dtype)
+        return local_attention_cpu(query.float(), refs.float(), values.float(), *args).to(query.dtype)
 
     fused_op = propagate.local_attention  # the project's dispatch: the fused op for CUDA tensors
     fused, ref = run(fused_op), run(reference)
