@@ -89,7 +89,7 @@ class CorrFlow(nn.Module):
 def encode(model: CorrFlow, x: torch.Tensor, bf16: bool) -> torch.Tensor:
     """Frames (N, 3, H, W) -> features (N, feat_dim, H/4, W/4); with `bf16` the encoder runs in bf16 autocast,
     channels-last (convert the model with `.to(memory_format=torch.channels_last)` once). On the CPU the features
-    come back in fp32: what follows them there (the reference copy, the loss) stays fp32."""
+    come back in fp32: what follows them there (the PyTorch CPU path's copy, the loss) stays fp32."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         feats = model(x.contiguous(memory_format=torch.channels_last if bf16 else torch.contiguous_format))
     return feats.float() if x.device.type == "cpu" else feats
