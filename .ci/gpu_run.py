@@ -5,7 +5,7 @@
     python3 .ci/gpu_run.py OUT --rehearse             # the same path on the CPU at tiny sizes (tests/test_gpu_run.py)
 
 Inputs, beside the checkout (git-ignored, carried to the GPU machine with it; `--prepare` fills them and checks
-that checkout plus carried folders stay under CARRY_LIMIT): `gpu_data/train_videos_256/` (the training clips),
+that checkout plus carried folders stay under CARRY_LIMIT): `gpu_data/train_videos_256/` (the training clips that fit),
 `gpu_data/davis/` (DAVIS-layout sequences, scored with the new weights), `gpu_data/keypoints/` (keypoint JSONs of
 those sequences) and `.whl/av-*.whl` where PyAV is not installed (installed into a temporary folder; if that fails,
 the summary says so and the steps that read no video still run). Every step is a subprocess with its own time
@@ -130,13 +130,14 @@ def carried_bytes(root: Path = ROOT) -> dict:
 
 
 def prepare(shared: Path, root: Path = ROOT) -> dict:
-    """Fill root/gpu_data from shared (the training clips, the keypoints, then whole DAVIS sequences, those with
-    keypoints first, smallest first, as long as checkout + .whl + gpu_data stay under CARRY_LIMIT) -> sizes."""
+    """Fill root/gpu_data from shared as long as checkout + .whl + gpu_data stay under CARRY_LIMIT: the keypoints,
+    the smallest DAVIS sequence that has keypoints (something to score), the training clips smallest first (all of
+    them where they fit), then more whole DAVIS sequences, those with keypoints first, smallest first -> sizes."""
     dest = root / "gpu_data"
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(shared / "train_videos_256", dest / "train_videos_256")
     shutil.copytree(shared / "keypoints", dest / "keypoints")
+    (dest / "train_videos_256").mkdir()
     davis = shared / "davis"
     with_points = {p.stem for p in (shared / "keypoints").glob("*.json")}
 
@@ -144,13 +145,19 @@ def prepare(shared: Path, root: Path = ROOT) -> dict:
         return sum(p.stat().st_size for kind in ("JPEGImages", "Annotations")
                    for p in (davis / kind / "480p" / seq).iterdir())
 
+    def fits(n_bytes):
+        return sum(carried_bytes(root).values()) + n_bytes <= CARRY_LIMIT
+
     sequences = sorted((d.name for d in (davis / "JPEGImages" / "480p").iterdir()),
                        key=lambda s: (s not in with_points, size(s)))
-    for seq in sequences:
-        if sum(carried_bytes(root).values()) + size(seq) > CARRY_LIMIT:
-            continue
-        for kind in ("JPEGImages", "Annotations"):
-            shutil.copytree(davis / kind / "480p" / seq, dest / "davis" / kind / "480p" / seq)
+    clips = sorted((p for p in (shared / "train_videos_256").iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
+    for item in [sequences[0]] + clips + sequences[1:]:
+        if isinstance(item, Path):  # a training clip
+            if fits(item.stat().st_size):
+                shutil.copy2(item, dest / "train_videos_256" / item.name)
+        elif fits(size(item)) and not (dest / "davis" / "JPEGImages" / "480p" / item).exists():
+            for kind in ("JPEGImages", "Annotations"):
+                shutil.copytree(davis / kind / "480p" / item, dest / "davis" / kind / "480p" / item)
     kept = {p.stem for p in (dest / "davis" / "Annotations" / "480p").glob("*")} if (dest / "davis").is_dir() else set()
     for p in (dest / "keypoints").glob("*.json"):
         if p.stem not in kept:
@@ -175,7 +182,8 @@ def main(argv=None) -> int:
         total = sum(sizes.values())
         print(", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items())
               + f": {total / 2**20:.1f} of {CARRY_LIMIT / 2**20:.0f} MiB; DAVIS sequences: "
-              + " ".join(sorted(d.name for d in (ROOT / "gpu_data" / "davis" / "JPEGImages" / "480p").glob("*"))))
+              + " ".join(sorted(d.name for d in (ROOT / "gpu_data" / "davis" / "JPEGImages" / "480p").glob("*")))
+              + f"; {len(list((ROOT / 'gpu_data' / 'train_videos_256').iterdir()))} training clips")
         return 0 if total <= CARRY_LIMIT else 1
     if args.out is None:
         p.error("give the output folder OUT (or --prepare)")

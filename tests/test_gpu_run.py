@@ -112,8 +112,8 @@ def test_the_checkout_and_the_carried_data_fit_the_carry_limit(shared_data, tmp_
     sizes = gpu_run.prepare(shared_data, root)
     assert sum(sizes.values()) <= gpu_run.CARRY_LIMIT, sizes
     data = root / "gpu_data"
-    assert sorted(p.name for p in (data / "train_videos_256").iterdir()) == sorted(
-        p.name for p in (shared_data / "train_videos_256").iterdir())
+    clips = {p.name for p in (data / "train_videos_256").iterdir()}
+    assert len(clips) >= 10 and clips <= {p.name for p in (shared_data / "train_videos_256").iterdir()}
     sequences = [p.name for p in (data / "davis" / "JPEGImages" / "480p").iterdir()]
     assert sequences and [p.stem for p in (data / "keypoints").glob("*.json")]  # one scored sequence at least
     assert {p.stem for p in (data / "keypoints").glob("*.json")} <= set(sequences)
