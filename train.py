@@ -229,7 +229,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack, started: float) -> Path
     if proc.master:  # only now: a run refused above leaves no trace
         held.enter_context(checkpoints.output_folder(Path(cfg.out)))  # one run per folder
     batches = max(1, cfg.epochs * len(clips) // (cfg.batch_size * proc.world))
-    total_steps = cfg.steps or (10**9 if cfg.minutes else batches)  # --minutes: fixed after its first steps
+    total_steps = cfg.steps or (state or {}).get("total_steps") or (10**9 if cfg.minutes else batches)  # kept by resume
 
     model = CorrFlow(cfg.model).to(proc.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
