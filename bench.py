@@ -33,8 +33,8 @@ import model as model_module
 import propagate as propagate_module
 from data import ClipDataset, RunBatches, read_frames
 from kernels import local_attention_cpu, local_attention_dense
-from model import CorrFlow, encode, load_checkpoint
-from propagate import PropagationConfig, load_encoder, net_encoder, propagate_masks, read_mask
+from model import CorrFlow, encode, load_checkpoint, load_encoder, net_encoder
+from propagate import PropagationConfig, propagate_masks, read_mask
 from train import TrainConfig, colour_dropout, colour_targets, colourise, nll
 
 PARTS = ("kernel", "train", "propagate")

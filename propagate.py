@@ -37,7 +37,6 @@ from media import (Results, check_points_inside, count_frames, davis_palette, pr
                    read_mask, read_points, video_fps)
 from model import (DEFAULT_CHECKPOINT, FEATURES, STRIDE, Encoder, downsample_labels, gaussian_heatmaps, hard_labels,
                    load_encoder, locate_points, scaled_size, to_frame, to_grid, to_tensor)
-from model import lab_features, net_encoder  # noqa: F401 (bench.py and .ci/compile_check.py import them from here)
 from stopping import StopSignals
 
 NORMALIZED_TEMPERATURE = 0.05  # the model's temperature when its features are L2-normalised (README)

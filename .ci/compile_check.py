@@ -167,7 +167,7 @@ def _propagate_launches():
     import torch
 
     import propagate
-    from model import CorrFlow, downsample_labels
+    from model import FEATURES, CorrFlow, Encoder, downsample_labels, lab_features, to_tensor
 
     def once_per_shape(embed):  # meta outputs carry no values: one per input shape serves every frame
         outputs = {}
@@ -178,15 +178,15 @@ def _propagate_launches():
             return outputs[tuple(rgb.shape)]
         return cached
 
-    encoders = {"model": propagate.Encoder(once_per_shape(CorrFlow().to(META).eval()), squared_distance=False),
-                "lab": propagate.Encoder(once_per_shape(propagate.lab_features), squared_distance=True)}
+    encoders = {"model": Encoder(once_per_shape(CorrFlow().to(META).eval()), squared_distance=False),
+                "lab": Encoder(once_per_shape(lab_features), squared_distance=True)}
     variants = {"": {}, "20 recent": dict(num_recent=20), "first radius 12": dict(first_radius=12),
                 "all candidates": dict(topk=0)}
     out = []
     for (H, W), scale in [((480, 854), 1), ((480, 854), 0.5), ((240, 428), 1), ((1080, 1920), 1),
                           ((1080, 1920), 0.5), ((480, 853), 1)]:
         for preset, variant, features, precision in [(p, v, f, d) for p in propagate.PROTOCOLS for v in variants
-                                                     for f in propagate.FEATURES for d in ("fp16", "fp32")]:
+                                                     for f in FEATURES for d in ("fp16", "fp32")]:
             settings = dict(propagate.PROTOCOLS[preset], **variants[variant], features=features, scale=scale,
                             precision=precision)
             cfg = dataclasses.replace(propagate.PropagationConfig(), **settings)
@@ -194,7 +194,7 @@ def _propagate_launches():
                 n_frames = cfg.num_recent + 2  # every reference slot filled
                 frames = (np.zeros((H, W, 3), np.uint8) for _ in range(n_frames))
                 first = next(frames)
-                h, w = propagate.to_tensor(first, torch.device(META), scale).shape[-2:]
+                h, w = to_tensor(first, torch.device(META), scale).shape[-2:]
                 first_labels = downsample_labels(torch.empty(1, objects + 1, h, w, device=META))
                 with recording(propagate) as launches:
                     for _ in propagate._propagate(first, frames, first_labels, cfg,
