@@ -26,6 +26,7 @@ from .arguments import check_arguments, radii
 
 TILE_H, TILE_W = 4, 8  # queries per tile: one matrix product of TILE_H * TILE_W rows per tile
 SCORE_BUDGET_BYTES = 8 * 2**20  # scores held at a time without autograd (also keeps them in the CPU's cache)
+BLOCKS = 16  # top-k without autograd: each row's scores in this many blocks, searched in two steps (_best)
 
 
 def _strip_buffer(x, r, strips, P, extra=None):
@@ -72,6 +73,47 @@ def _window_mask(r, n, dtype, device):
     return mask.reshape(TILE_H * TILE_W, -1)
 
 
+def _best(scores, k):
+    """The k best scores of each row and their columns, sorted (n, M, N) -> (n, M, k) twice: exact, in two steps
+    when the rows are long. Each row's columns are dealt into BLOCKS blocks (block g: columns g, g + G, g + 2G, ...),
+    one pass finds each block's maximum, and the k best values all lie in the k blocks with the highest maxima (or in
+    the few columns beyond BLOCKS * G): a top-k over about BLOCKS * k scores instead of N."""
+    n, M, N = scores.shape
+    G = N // BLOCKS
+    if G < 4 * k:
+        return scores.topk(k, dim=-1)
+    blocks = scores[..., :BLOCKS * G].unflatten(-1, (BLOCKS, G))  # (n, M, BLOCKS, G), a view
+    best = blocks.amax(-2).topk(k, dim=-1, sorted=False).indices[..., None, :]  # (n, M, 1, k): the k best blocks
+    columns = (torch.arange(BLOCKS, device=scores.device)[:, None] * G + best).flatten(-2)  # (n, M, BLOCKS * k)
+    candidates = blocks.gather(-1, best.expand(n, M, BLOCKS, k)).flatten(-2)
+    if BLOCKS * G < N:
+        rest = torch.arange(BLOCKS * G, N, device=scores.device).expand(n, M, -1)
+        candidates, columns = torch.cat([candidates, scores[..., BLOCKS * G:]], -1), torch.cat([columns, rest], -1)
+    top, pos = candidates.topk(k, dim=-1)
+    return top, columns.gather(-1, pos)
+
+
+def _topk_copy(scores, values, on_image, k, acc_dtype):
+    """Top-k without autograd: the softmax over each query's k best scores, and the labels of those k candidates
+    gathered and summed, instead of a softmax and a product over every candidate. scores (n, M, N), values
+    (n, K, N), on_image (n, M) -> (n, K, M). A query with more than k scores at or above its k-th (ties, as in Lab's
+    flat colours: its k+1-th equals its k-th) keeps all of them, as the definition does: such rows take the full
+    softmax."""
+    top, index = _best(scores, k + 1)  # (n, M, k + 1)
+    kth, tied = top[..., k - 1:k], (top[..., k] == top[..., k - 1]) & on_image
+    top, index = top[..., :k], index[..., :k]
+    n, M, K = scores.shape[0], scores.shape[1], values.shape[1]
+    probs = torch.softmax(top, -1, dtype=acc_dtype).to(scores.dtype)
+    picked = values.gather(2, index.reshape(n, 1, M * k).expand(n, K, M * k)).view(n, K, M, k)
+    out = (picked * probs[:, None]).sum(-1)
+    tile, row = tied.nonzero(as_tuple=True)
+    if len(tile):
+        rows = scores[tile, row]  # (rows, N)
+        rows = torch.softmax(rows.masked_fill_(rows < kth[tile, row], float("-inf")), -1, dtype=acc_dtype)
+        out[tile, :, row] = torch.bmm(values[tile], rows.to(scores.dtype)[:, :, None])[..., 0]
+    return out
+
+
 def local_attention_cpu(query, refs, values, radius, temperature=1.0, topk=0):
     """Restricted attention by strips and tiles (see the module docstring); any device, any floating dtype (the
     softmax in fp32 for 16-bit inputs), differentiable."""
@@ -105,13 +147,22 @@ def local_attention_cpu(query, refs, values, radius, temperature=1.0, topk=0):
         s1 = min(n_strips, s0 + strips_per_group)
         keys = [_halos(_strip_buffer(k, r, (s0, s1), P, (0, lowest)), r) for (r, _), (k, _) in zip(groups, picked)]
         vals = [_halos(_strip_buffer(v, r, (s0, s1), P), r) for (r, _), (_, v) in zip(groups, picked)]
-        q_tiles = _halos(_strip_buffer(query[:, None], 0, (s0, s1), P, (1, 1)), 0).transpose(1, 2)  # (tiles, M, C+1)
+        q_tiles = _halos(_strip_buffer(query[:, None], 0, (s0, s1), P, (1, 0)), 0).transpose(1, 2)  # (tiles, M, C+1)
         for t0 in range(0, q_tiles.shape[0], chunk):
             t1 = min(q_tiles.shape[0], t0 + chunk)
-            scores = [torch.baddbmm(mask, q_tiles[t0:t1], k[t0:t1]) for mask, k in zip(masks, keys)]
-            scores = torch.cat(scores, -1) if len(scores) > 1 else scores[0]
+            if len(keys) == 1:
+                scores = torch.baddbmm(masks[0], q_tiles[t0:t1], keys[0][t0:t1])
+            else:  # each group's product written in place into its columns of one buffer (no concatenation)
+                scores, n0 = q_tiles.new_empty(t1 - t0, M, N), 0
+                for mask, k, n in zip(masks, keys, widths):
+                    scores[..., n0:n0 + n].copy_(mask).baddbmm_(q_tiles[t0:t1], k[t0:t1])
+                    n0 += n
             if temperature != 1:  # after the product, as the definition: equal products stay equal (top-k's ties)
                 scores = scores.div_(temperature)
+            if 0 < topk < N and not grad:
+                values = torch.cat([v[t0:t1] for v in vals], -1)
+                out.append(_topk_copy(scores, values, q_tiles[t0:t1, :, C] > 0, topk, acc_dtype))
+                continue
             if 0 < topk < N:  # keep the scores >= the k-th largest (ties kept; all when fewer are in the window)
                 kth = scores.topk(topk, dim=-1, sorted=False).values.amin(-1, keepdim=True)
                 scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -87,6 +87,38 @@ def test_cpu_path_radii_topk_labels_match_dense(shape, dtype):
                          temperature, topk)
 
 
+TOPK_CASES = [c for c in CPU_CASES if c[-1]] + [(1, 4, 6, 3, 21, 30, (9, 5, 5, 5), 0.5, 10)]  # long rows
+
+
+@pytest.mark.parametrize("blocks", [16, 3])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("shape", TOPK_CASES, ids=[str(s) for s in TOPK_CASES])
+def test_cpu_path_topk_without_autograd_matches_dense(shape, ties, blocks, monkeypatch):
+    """Without autograd top-k takes its own path (_topk_copy: the k best gathered, the two-step search of _best for
+    long rows, 3 blocks forcing it on every row here; the rows with ties at the k-th take the full softmax):
+    distinct scores, and few distinct scores (ties at the k-th in most rows)."""
+    monkeypatch.setattr(cpu_path, "BLOCKS", blocks)
+    *sizes, radius, temperature, topk = shape
+    inputs = [t.detach() for t in make_inputs(*sizes, dtype=torch.float64)]
+    if ties:  # features in {-1, 0, 1}: few distinct scores, as Lab's flat colours give
+        inputs = [inputs[0].div(2).round(), inputs[1].div(2).round(), inputs[2]]
+    with torch.no_grad():
+        out = local_attention_cpu(*inputs, radius, temperature, topk)
+    torch.testing.assert_close(out, local_attention_dense(*inputs, radius, temperature, topk), atol=1e-12, rtol=1e-12)
+
+
+def test_best_is_topk():
+    """_best's two steps give torch.topk's values exactly (and columns holding them), ties included."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(-20, 20, (3, 5, 1003), generator=g).double()  # many ties
+    scores[0, 0, 7:] = float("-inf")
+    for k in (1, 11):
+        top, columns = cpu_path._best(scores, k)
+        torch.testing.assert_close(top, scores.topk(k, dim=-1).values, atol=0, rtol=0)
+        torch.testing.assert_close(scores.gather(-1, columns), top, atol=0, rtol=0)
+        assert (columns.sort(-1).values.diff(dim=-1) > 0).all()  # k different columns
+
+
 @pytest.mark.parametrize("budget", [1, 200_000])
 def test_cpu_path_in_chunks_matches_dense(budget, monkeypatch):
     """Without autograd the CPU path takes strips a few at a time and tiles in chunks (one tile per chunk here)."""
