@@ -9,12 +9,15 @@ a few large batched matrix products:
   (its halo: the tile grown by the radius) are consecutive whole rows: a strided view, not a copy (no im2col).
 - Scores. One product per tile, (TILE_H * TILE_W, C + 1) x (C + 1, halo positions of every reference), computed
   for all tiles of a chunk by one `baddbmm` that starts from the window mask (0 inside |dy|, |dx| <= radius, -inf
-  outside), then divided by the temperature. The extra channel is 1 for every query and, for the keys, 0 on the
-  image and a finite value near the dtype's lowest off it (padding, the rows between strips): the product itself
-  excludes those positions, with weight exactly 0, and no row of the softmax is all -inf (no NaN, even in padding).
+  outside), then divided by the temperature. The extra channel is 1 for every query on the image (0 for the
+  padding's, whose outputs are dropped) and, for the keys, 0 on the image and a finite value near the dtype's lowest
+  off it (padding, the rows between strips): the product itself excludes those positions, with weight exactly 0,
+  and no row of the softmax is all -inf (no NaN, even in padding).
 - Softmax over the last axis, then out^T = values^T (K, halo) x probabilities^T: with K a handful of labels this
-  order keeps the product's long axis inside the BLAS kernel.
-References that share a radius share a buffer; several radii give one buffer each and slices of one softmax.
+  order keeps the product's long axis inside the BLAS kernel. With top-k and no autograd, only the k best
+  candidates of each query are found (`_best`), and their labels gathered and weighted (`_topk_copy`).
+References that share a radius share a buffer; several radii give one buffer each, their products written side by
+side into one score buffer.
 
 Without autograd the strips are taken a few at a time and the tiles in chunks, so that the scores held stay under
 SCORE_BUDGET_BYTES whatever the map and the number of references. With autograd (training) everything is one chunk,
