@@ -40,17 +40,24 @@ def _strip_buffer(x, r, strips, P, extra=None):
     B, n, ch, H, W = x.shape
     s0, s1 = strips
     width, rows, ce = TILE_W + 2 * r, (s1 - s0) * B * P, ch + (extra is not None)
-    buf = x.new_zeros(ce, rows + 2 * r, n, width)
-    image = buf[:, :rows].view(ce, s1 - s0, B, P, n, width)[:, :, :, r:r + H]  # (ce, strips, B, H, n, width)
+    buf = x.new_empty(ce, rows + 2 * r, n, width)
+    blocks = buf[:, :rows].view(ce, s1 - s0, B, P, n, width)
+    image = blocks[:, :, :, r:r + H]  # (ce, strips, B, H, n, width)
     # the strips whose columns all lie on the image in one copy, each of the others (at the edges) in its own
     first, stop = max(s0, -(-r // TILE_W)), min(s1, (W - r) // TILE_W)
     pieces = [(first, stop)] if first < stop else []
     pieces += [(s, s + 1) for s in range(s0, s1) if not first <= s < stop]
+    columns = []  # (piece, its image column of buffer column 0, its buffer columns on the image)
+    for a, b in pieces:
+        x0 = a * TILE_W - r
+        columns.append(((a, b), x0, max(0, -x0), min(width, W - x0 - (b - a - 1) * TILE_W)))
+    # zeros off the image only (the rows between blocks, the columns beyond the image's edges): the rest is copied
+    blocks[:, :, :, :r].zero_(), blocks[:, :, :, r + H:].zero_(), buf[:, rows:].zero_()
+    for (a, b), _, c0, c1 in columns:
+        image[:, a - s0:b - s0, ..., :c0].zero_(), image[:, a - s0:b - s0, ..., c1:].zero_()
     if extra is not None:
         buf[ch] = extra[1]
-    for a, b in pieces:
-        x0 = a * TILE_W - r  # the image column of the pieces' first buffer column
-        c0, c1 = max(0, -x0), min(width, W - x0 - (b - a - 1) * TILE_W)  # the buffer columns on the image
+    for (a, b), x0, c0, c1 in columns:
         if extra is not None:
             image[ch, a - s0:b - s0, ..., c0:c1] = extra[0]
         cols = x[..., x0 + c0:x0 + (b - a - 1) * TILE_W + c1].unfold(-1, c1 - c0, TILE_W)  # (B, n, ch, H, s, c)
