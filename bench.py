@@ -143,16 +143,27 @@ KERNEL_CASES = (  # fwd+bwd: training, grads for all three inputs; fwd: propagat
     dict(name="train: 6 clips x 8 copies", B=48, C=64, H=64, W=64, R=1, K=16, radius=6, backward=True),
     *(dict(name="propagate 480p", B=1, C=64, H=120, W=216, R=4, K=8, radius=r, backward=False) for r in (6, 12)),
     dict(name="propagate 240p", B=1, C=64, H=60, W=108, R=4, K=8, radius=6, backward=False),
+    # propagate.py's default copy at 480p: model+Lab features, 2 objects and the background, the first frame at
+    # radius 12 and 3 recent ones at 8, the softmax over the 10 best candidates
+    dict(name="propagate 480p, default copy", B=1, C=68, H=120, W=214, R=4, K=3, radius=(12, 8, 8, 8), topk=10,
+         backward=False),
 )
 DENSE_MAX_BYTES = 2**30  # the dense specification is timed where its (B, HW, R*HW) affinity takes at most this
 
 
 def useful_flop(case: dict, B: int) -> float:
-    """2 x the multiply-adds of the scores inside the windows and of the label products (x3 with the backward)."""
-    H, W, r = case["H"], case["W"], case["radius"]
-    window = sum(min(y + r, H - 1) - max(y - r, 0) + 1 for y in range(H)) * sum(
-        min(x + r, W - 1) - max(x - r, 0) + 1 for x in range(W))  # (query, candidate) pairs of one reference
-    return 2 * B * case["R"] * window * (case["C"] + case["K"]) * (3 if case["backward"] else 1)
+    """2 x the multiply-adds of the scores inside the windows and of the label products (x3 with the backward); with
+    top-k the label products are those of the k candidates kept."""
+    H, W, topk = case["H"], case["W"], case.get("topk", 0)
+
+    def window(r):  # (query, candidate) pairs of one reference
+        return (sum(min(y + r, H - 1) - max(y - r, 0) + 1 for y in range(H))
+                * sum(min(x + r, W - 1) - max(x - r, 0) + 1 for x in range(W)))
+
+    radii = case["radius"] if isinstance(case["radius"], tuple) else (case["radius"],) * case["R"]
+    pairs = sum(window(r) for r in radii)
+    labelled = H * W * topk if topk else pairs
+    return 2 * B * (pairs * case["C"] + labelled * case["K"]) * (3 if case["backward"] else 1)
 
 
 def matmul_gflops(device: torch.device) -> float:
@@ -171,7 +182,7 @@ def measure_kernel(op, case: dict, B: int, dtype, device, reps: int):
 
     def run():
         with torch.set_grad_enabled(grad):
-            out = op(q, k, v, case["radius"])
+            out = op(q, k, v, case["radius"], 1.0, case.get("topk", 0))
             return torch.autograd.grad(out, (q, k, v), grad_out) if grad else out
 
     with peak_memory(device) as mem:  # also the warm-up
@@ -197,8 +208,9 @@ def kernel_row(case: dict, dtype_name: str, device, reps: int, bandwidth: float)
         (("plain", base_ms), ("op", ms)) if t) + f" of fp32 matmul ({matmul:.0f} GFLOP/s); op at {floor_ms / ms:.1%} "
         f"of the floor (inputs read and output written once, x3 fwd+bwd, at {bandwidth / 1e9:.0f} GB/s)" + (
         "" if baseline else f"; dense specification not run: its affinity takes {affinity / 2**30:.1f} GiB"))
-    sizes = (f"B={B} C={case['C']} {case['H']}x{case['W']} R={case['R']} K={case['K']} radius {case['radius']}, "
-             + ("fwd+bwd" if case["backward"] else "fwd"))
+    radius = "/".join(map(str, case["radius"])) if isinstance(case["radius"], tuple) else case["radius"]
+    sizes = (f"B={B} C={case['C']} {case['H']}x{case['W']} R={case['R']} K={case['K']} radius {radius}"
+             + (f" top-{case['topk']}" if case.get("topk") else "") + (", fwd+bwd" if case["backward"] else ", fwd"))
     return Row("kernel", f"{case['name']}: {sizes}", dtype_name, fmt_ms(base_ms) if base_ms else "-", fmt_ms(ms),
                f"{base_ms / ms:.1f}x" if base_ms else "-", fmt_mem([base_mem, mem]), details)
 

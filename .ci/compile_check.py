@@ -125,7 +125,7 @@ def _bench_launches():
             q, k, v = (torch.empty(*shape, device=META, dtype=dtype).requires_grad_(grad)
                        for shape in ((B, C, H, W), (B, R, C, H, W), (B, R, K, H, W)))
             with recording(model) as launches:
-                o = model.local_attention(q, k, v, case["radius"])
+                o = model.local_attention(q, k, v, case["radius"], 1.0, case.get("topk", 0))
                 if grad:
                     torch.autograd.grad(o, (q, k, v), torch.empty(B, K, H, W, device=META, dtype=dtype))
             out.append(("bench", dict(case=case["name"], r=case["radius"]), launches))

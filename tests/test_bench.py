@@ -43,3 +43,10 @@ def test_useful_flop_counts_the_window_pairs_clipped_to_the_map():
     case = dict(H=3, W=3, radius=1, R=2, C=5, K=3, backward=False)
     assert bench.useful_flop(case, B=1) == 2 * 2 * 49 * (5 + 3)
     assert bench.useful_flop(dict(case, backward=True), B=2) == 3 * 2 * bench.useful_flop(case, B=1)
+
+
+def test_useful_flop_with_radii_and_topk_counts_k_label_products():
+    # radii 1 and 0 on a 3x3 map: 49 + 9 pairs of scores; top-2: 2 label products per query, not one per pair
+    case = dict(H=3, W=3, radius=(1, 0), R=2, C=5, K=3, backward=False)
+    assert bench.useful_flop(case, B=1) == 2 * ((49 + 9) * 5 + (49 + 9) * 3)
+    assert bench.useful_flop(dict(case, topk=2), B=1) == 2 * ((49 + 9) * 5 + 9 * 2 * 3)
