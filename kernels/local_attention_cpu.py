@@ -86,8 +86,8 @@ def _window_mask(r, n, dtype, device):
 def _best(scores, k):
     """The k best scores of each row and their columns, sorted (n, M, N) -> (n, M, k) twice: exact, in two steps
     when the rows are long. Each row's columns are dealt into BLOCKS blocks (block g: columns g, g + G, g + 2G, ...),
-    one pass finds each block's maximum, and the k best values all lie in the k blocks with the highest maxima (or in
-    the few columns beyond BLOCKS * G): a top-k over about BLOCKS * k scores instead of N."""
+    one pass finds each block's maximum, and the k best values (ties included) all lie in the k blocks with the
+    highest maxima or in the few columns beyond BLOCKS * G: a top-k over about BLOCKS * k scores instead of N."""
     n, M, N = scores.shape
     G = N // BLOCKS
     if G < 4 * k:
@@ -113,9 +113,9 @@ def _topk_copy(scores, values, on_image, k, acc_dtype):
     kth, tied = top[..., k - 1:k], (top[..., k] == top[..., k - 1]) & on_image
     top, index = top[..., :k], index[..., :k]
     n, M, K = scores.shape[0], scores.shape[1], values.shape[1]
-    probs = torch.softmax(top, -1, dtype=acc_dtype).to(scores.dtype)
+    probs = torch.softmax(top, -1, dtype=acc_dtype)
     picked = values.gather(2, index.reshape(n, 1, M * k).expand(n, K, M * k)).view(n, K, M, k)
-    out = (picked * probs[:, None]).sum(-1)
+    out = (picked.to(acc_dtype) * probs[:, None]).sum(-1).to(scores.dtype)  # summed in fp32 for 16-bit inputs
     tile, row = tied.nonzero(as_tuple=True)
     if len(tile):
         rows = scores[tile, row]  # (rows, N)
