@@ -171,8 +171,8 @@ def local_attention_cpu(query, refs, values, radius, temperature=1.0, topk=0):
             if temperature != 1:  # after the product, as the definition: equal products stay equal (top-k's ties)
                 scores = scores.div_(temperature)
             if 0 < topk < N and not grad:
-                values = torch.cat([v[t0:t1] for v in vals], -1)
-                out.append(_topk_copy(scores, values, q_tiles[t0:t1, :, C] > 0, topk, acc_dtype))
+                labels = torch.cat([v[t0:t1] for v in vals], -1)  # (n, K, N)
+                out.append(_topk_copy(scores, labels, q_tiles[t0:t1, :, C] > 0, topk, acc_dtype))
                 continue
             if 0 < topk < N:  # keep the scores >= the k-th largest (ties kept; all when fewer are in the window)
                 kth = scores.topk(topk, dim=-1, sorted=False).values.amin(-1, keepdim=True)
