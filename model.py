@@ -285,12 +285,18 @@ def to_frame(probs: torch.Tensor, H: int, W: int, scale: float) -> torch.Tensor:
     return full if (h, w) == (H, W) else F.interpolate(full, size=(H, W), mode="bilinear", align_corners=False)
 
 
+def label_argmax(probs: torch.Tensor) -> torch.Tensor:
+    """(..., K, H, W) -> (..., H, W): the argmax over the labels, the first on ties. Taken over the last axis: torch's
+    argmax over an outer one is about 10x slower on a CPU (36 against 4 ms for 3 labels at 480p, one thread)."""
+    return probs.movedim(-3, -1).contiguous().argmax(-1)
+
+
 def hard_labels(probs: torch.Tensor) -> torch.Tensor:
     """What the paper's protocol feeds back: the soft output (1, K, h, w) upsampled to the encoded frame's full
     resolution (the frame's own at --scale 1), its argmax there, and that hard map's one-hot averaged back down to
     stride 4 (soft only at the object borders, like the first frame's labels) -> (1, K, h, w)."""
     full = F.interpolate(probs, scale_factor=STRIDE, mode="bilinear", align_corners=False)  # (1, K, H', W')
-    one_hot = F.one_hot(full.argmax(1), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    one_hot = F.one_hot(label_argmax(full), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
     return downsample_labels(one_hot)
 
 

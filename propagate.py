@@ -22,9 +22,10 @@ import itertools
 import signal
 import sys
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from kernels import local_attention
 from media import (Results, check_points_inside, count_frames, davis_palette, prepare_out_dir, read_frames,
                    read_mask, read_points, video_fps)
 from model import (DEFAULT_CHECKPOINT, FEATURES, STRIDE, Encoder, downsample_labels, gaussian_heatmaps, hard_labels,
-                   load_encoder, locate_points, scaled_size, to_frame, to_grid, to_tensor)
+                   label_argmax, load_encoder, locate_points, scaled_size, to_frame, to_grid, to_tensor)
 from stopping import StopSignals
 
 NORMALIZED_TEMPERATURE = 0.05  # the model's temperature when its features are L2-normalised (README)
@@ -96,6 +97,24 @@ def temperatures(cfg: PropagationConfig, encoders: list[Encoder]) -> list[float]
     return [lab if e.squared_distance else model for e in encoders]
 
 
+def ahead(fn: Callable, items: Iterable) -> Iterator:
+    """fn(item) for each item, each taken and computed in a worker thread while the caller works on the one before:
+    the next frame is read and encoded while this one's labels are copied, so the encoder's work fills the cores the
+    copy leaves idle (BENCHMARKS.md). An error is raised where its item's result would have come."""
+    items, end = iter(items), object()
+
+    @torch.inference_mode()
+    def step():
+        item = next(items, end)
+        return end if item is end else fn(item)
+
+    with ThreadPoolExecutor(1) as worker:
+        job = worker.submit(step)
+        while (result := job.result()) is not end:
+            job = worker.submit(step)
+            yield result
+
+
 @torch.inference_mode()
 def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: torch.Tensor, cfg: PropagationConfig,
                encoders: list[Encoder], device: torch.device) -> Iterator[torch.Tensor]:
@@ -111,6 +130,9 @@ def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: to
     def encode(frame: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(query, key) whose dot product is the summed logits of every encoder: each query divided by its
         temperature, the parts concatenated along channels; both rounded to the stored dtype."""
+        if frame.shape != first.shape:
+            raise ValueError(f"frame size changed from {first.shape[1]}x{first.shape[0]} "
+                             f"to {frame.shape[1]}x{frame.shape[0]}")
         rgb = to_tensor(frame, device, cfg.scale)
         pairs = [e(rgb, cfg.normalize) for e in encoders]
         query = torch.cat([q / t for (q, _), t in zip(pairs, temps)], 1).to(dtype)
@@ -130,11 +152,7 @@ def _propagate(first: np.ndarray, frames: Iterator[np.ndarray], first_labels: to
     if not cfg.use_first:
         recent.append((first_key, first_labels))
     yield first_labels
-    for frame in itertools.chain([nxt], frames):
-        if frame.shape != first.shape:
-            raise ValueError(f"frame size changed from {first.shape[1]}x{first.shape[0]} "
-                             f"to {frame.shape[1]}x{frame.shape[0]}")
-        query, key = encode(frame)  # (1, C, h, w) each
+    for query, key in ahead(encode, itertools.chain([nxt], frames)):  # (1, C, h, w) each
         refs = ([(first_key, first_labels)] if cfg.use_first else []) + list(recent)  # at most N + 1
         ref_keys = torch.stack([k for k, _ in refs], 1)  # (1, R, C, h, w)
         ref_labels = torch.stack([v for _, v in refs], 1)  # (1, R, K, h, w)
@@ -177,7 +195,7 @@ def propagate_masks(frames: Iterable[np.ndarray], first_mask: np.ndarray, cfg: P
     one_hot = F.one_hot(torch.from_numpy(channels).to(device), len(lut)).permute(2, 0, 1)[None].float()
     first_labels = downsample_labels(to_grid(one_hot, cfg.scale))  # (1, K, H'/4, W'/4), soft at object borders
     for i, probs in enumerate(_propagate(first, frames, first_labels, cfg, encoders, device)):  # argmax at full size
-        yield lut[to_frame(probs, H, W, cfg.scale)[0].argmax(0).cpu().numpy()] if i else first_mask.astype(np.uint8)
+        yield lut[label_argmax(to_frame(probs, H, W, cfg.scale)[0]).cpu().numpy()] if i else first_mask.astype(np.uint8)
 
 
 def propagate_points(frames: Iterable[np.ndarray], first_points: np.ndarray, cfg: PropagationConfig,
@@ -242,15 +260,21 @@ def main(video: Path, labels: Path, out: Optional[Path], cfg: PropagationConfig,
         raise ValueError(f"{labels}: mask is {first_mask.shape[1]}x{first_mask.shape[0]} but the frames are {W}x{H}")
     prepare_out_dir(out, overwrite)
 
-    inputs, shown = itertools.tee(itertools.islice(read_frames(video), start, start + total))  # tee buffers one
-    results = (propagate_points(inputs, xy[visible], cfg, encoders, dev) if points_mode
-               else propagate_masks(inputs, first_mask, cfg, encoders, dev))
+    shown = deque()  # the frames read (by propagation's worker thread too) and not yet written
+
+    def inputs():
+        for frame in itertools.islice(read_frames(video), start, start + total):
+            shown.append(frame)
+            yield frame
+
+    results = (propagate_points(inputs(), xy[visible], cfg, encoders, dev) if points_mode
+               else propagate_masks(inputs(), first_mask, cfg, encoders, dev))
     writer = Results(out, palette, video_fps(video) if overlay else None,
                      (sequence, start, visible) if points_mode else None)
     with StopSignals() as stop, writer:
         try:
-            for result, frame in tqdm(zip(results, shown), total=total, unit="frame", desc=stem):
-                writer.add(frame, result)  # written by a thread while the next frame is computed
+            for result in tqdm(results, total=total, unit="frame", desc=stem):
+                writer.add(shown.popleft(), result)  # written by a thread while the next frame is computed
                 if stop.received:
                     break
             writer.wait()

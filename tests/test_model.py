@@ -7,7 +7,7 @@ import torch
 
 import model as model_module
 from model import (CHECKPOINT_FORMAT, PROBE_SIZE, CorrFlow, ModelConfig, bf16_faster, downsample_labels, encode,
-                   encoder_in_bf16, export_weights, load_checkpoint)
+                   encoder_in_bf16, export_weights, label_argmax, load_checkpoint)
 
 
 def test_parameter_count_and_output_stride():
@@ -26,6 +26,14 @@ def test_downsample_labels_averages_one_hots():
     assert small.shape == (1, 2, 1, 2)
     torch.testing.assert_close(small[0, :, 0, 0], torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(small[0, :, 0, 1], torch.tensor([1.0, 0.0]))
+
+
+
+def test_label_argmax_is_torchs_argmax_over_the_labels_first_on_ties():
+    probs = torch.randint(0, 3, (2, 4, 9, 7)).float()  # few distinct values: many ties
+    assert torch.equal(label_argmax(probs), probs.argmax(1))
+    assert torch.equal(label_argmax(probs[0]), probs[0].argmax(0))
+    assert label_argmax(torch.zeros(3, 1, 1)).item() == 0
 
 
 def _write(path, obj):

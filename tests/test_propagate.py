@@ -199,6 +199,34 @@ def test_streaming_keeps_at_most_n_plus_one_references(clip, monkeypatch):
     assert n == 8 and refs_seen == [1, 2, 3, 3, 3, 3, 3]
 
 
+
+def test_ahead_computes_the_next_item_in_a_worker_while_the_caller_holds_this_one():
+    import threading
+    taken, threads, took = [], set(), threading.Semaphore(0)
+
+    def items():
+        for i in range(4):
+            taken.append(i)
+            took.release()
+            if i == 3:
+                raise ValueError("item 3 is unreadable")
+            yield i
+
+    def square(i):
+        threads.add(threading.get_ident())
+        return i * i
+
+    got = []
+    with pytest.raises(ValueError, match="item 3"):
+        for result in propagate.ahead(square, items()):
+            got.append(result)
+            for _ in range(2 if len(got) == 1 else 1):  # the next item is taken while the caller holds this one
+                assert took.acquire(timeout=60)
+            assert len(taken) == len(got) + 1
+    assert got == [0, 1, 4]  # every result before the error, in order
+    assert threads and threading.get_ident() not in threads
+
+
 def test_missing_default_checkpoint_says_how_to_go_on(monkeypatch, tmp_path):
     monkeypatch.setattr(model, "DEFAULT_CHECKPOINT", tmp_path / "checkpoints" / "corrflow.pt")
     with pytest.raises(ValueError, match="--checkpoint PATH or use --features lab"):
