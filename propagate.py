@@ -64,7 +64,7 @@ class PropagationConfig:
 PROTOCOLS = {
     # PropagationConfig's own values, the best measured on DAVIS (README, chosen on half A): the model's normalised
     # features plus Lab colour, top 10 of the candidates of the first frame (radius 12) and 3 recent frames (radius 8),
-    # soft labels; J&F A 0.657 / B 0.719 with the shipped checkpoint
+    # soft labels; J&F A 0.665 / B 0.718 with the shipped checkpoint
     "default": dict(),
     # Lai & Xie 2019: the model's features, raw dot products (temperature 1), previous frame only, its hard argmax,
     # radius 6, all candidates
